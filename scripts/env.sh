@@ -1,0 +1,23 @@
+# Sourced by quickstart.sh and test.sh: create (or reuse) the repo's virtual environment and
+# install the package into it. Usage: source scripts/env.sh [EXTRA]   (EXTRA e.g. "test")
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${UL2_VENV:-$REPO/.venv}"
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "ul2 needs Python 3.11; $PYTHON is $("$PYTHON" --version 2>&1). Set PYTHON=/path/to/python3.11." >&2
+  exit 1
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+EXTRA="${1:-}"
+SPEC="$REPO"
+[ -n "$EXTRA" ] && SPEC="$REPO[$EXTRA]"
+echo "== installing $SPEC (pinned versions from pyproject.toml)"
+python -m pip install --quiet --disable-pip-version-check --upgrade pip
+python -m pip install --quiet --disable-pip-version-check -e "$SPEC"
+cd "$REPO"

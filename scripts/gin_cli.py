@@ -1,0 +1,74 @@
+"""Gin at the edge: the one place that parses gin files and flags (T5X's conventions).
+
+The library (`ul2/`) never imports gin. Gin files use `dynamic_registration`, so they configure
+`ul2` functions and dataclasses directly; scripts call `parse` and then read the macros they need.
+
+    python scripts/forward.py --gin_file=models/tiny.gin --gin.network.Config.dropout_rate=0.1
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import gin
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIN_DIR = os.path.join(REPO, 'gin_configs')
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
+  """Parses gin files (paths, or relative to `gin_configs/`) and `NAME=VALUE` bindings."""
+  gin.clear_config()
+  gin.add_config_file_search_path(GIN_DIR)
+  resolved = []
+  for path in gin_files:
+    if not os.path.exists(path) and os.path.exists(os.path.join(GIN_DIR, path)):
+      path = os.path.join(GIN_DIR, path)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'gin file {path!r} not found, neither as given nor under '
+                              f'{GIN_DIR}; pass e.g. --gin_file=models/tiny.gin')
+    resolved.append(path)
+  # gin first looks for an `include` as a package resource and logs an error when it is not
+  # one, before finding it on the search path; those lines would only confuse users.
+  root = logging.getLogger()
+  quiet = lambda record: not record.getMessage().startswith('Path not found:')
+  root.addFilter(quiet)
+  try:
+    gin.parse_config_files_and_bindings(resolved, list(bindings))
+  finally:
+    root.removeFilter(quiet)
+
+
+def macro(name: str) -> Any:
+  """The value of `%NAME`, with any `@configurable()` reference evaluated."""
+  try:
+    value = gin.query_parameter(f'%{name}')
+  except ValueError as e:
+    raise ValueError(f'The gin macro {name} is not set: include a gin file that sets it (e.g. '
+                     f'a models/*.gin for MODEL_CONFIG) or pass --gin.{name}=...') from e
+  if isinstance(value, gin.config.ConfigurableReference):
+    return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
+  return value
+
+
+def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+  """T5X's flags: `--gin_file=F` (repeatable) and `--gin.NAME=VALUE` -> (files, bindings, rest).
+
+  >>> split_argv(['--gin_file=models/tiny.gin', "--gin.DROPOUT_RATE=0.1", '--steps=3'])
+  (['models/tiny.gin'], ['DROPOUT_RATE=0.1'], ['--steps=3'])
+  """
+  files, bindings, rest = [], [], []
+  args = list(argv)
+  while args:
+    arg = args.pop(0)
+    if arg == '--gin_file' and args:
+      arg = f'{arg}={args.pop(0)}'
+    if arg.startswith('--gin_file='):
+      files.append(arg.split('=', 1)[1])
+    elif arg.startswith('--gin.'):
+      bindings.append(arg[len('--gin.'):])
+    else:
+      rest.append(arg)
+  return files, bindings, rest

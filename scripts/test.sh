@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# Installs ul2 with its test extra into ./.venv (created if missing) and runs the whole suite.
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh" test
+python -m pytest "$@"

@@ -1,0 +1,95 @@
+"""Device mesh and logical-axis partitioning, after the Flax lm1b example (not T5X's partitioner).
+
+Every parameter and key activation of `ul2.network` carries logical axis names (`batch`,
+`length`, `embed`, `heads`, `kv`, `joined_kv`, `mlp`, `vocab`, `relpos_buckets`, `layers`).
+One table of rules maps them onto the named mesh axes `data` and `model`:
+
+    >>> dict(logical_axis_rules(parameter_partitioning_dims=1))['mlp']
+    'model'
+
+With 2-D parameter partitioning, `embed` is also sharded over `data` (FSDP-like) wherever
+`data` is not already taken by `batch`, i.e. on parameters but not on activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+AxisRules = tuple[tuple[str, str | None], ...]
+
+
+def logical_axis_rules(parameter_partitioning_dims: int = 1) -> AxisRules:
+  """T5X's standard rules (`standard_logical_axis_rules`, 1-D activations).
+
+  Flax applies the rules in order and skips a mesh axis an array already uses, so the
+  `('embed', 'data')` rule shards parameters' `embed` axis but leaves activations, whose `batch`
+  already holds `data`, to the later `('embed', None)`.
+  """
+  if parameter_partitioning_dims not in (1, 2):
+    raise ValueError('parameter_partitioning_dims must be 1 (model parallel only) or 2 '
+                     f'(also shard embed over data), got {parameter_partitioning_dims}.')
+  rules: list[tuple[str, str | None]] = [
+      ('batch', 'data'),
+      ('vocab', 'model'),
+      ('mlp', 'model'),
+      ('heads', 'model'),
+      ('joined_kv', 'model'),
+  ]
+  if parameter_partitioning_dims == 2:
+    rules.append(('embed', 'data'))
+  rules += [
+      ('embed', None),
+      ('kv', None),
+      ('length', None),
+      ('relpos_buckets', None),
+      ('layers', None),
+  ]
+  return tuple(rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """The device mesh: `data` x `model` devices; -1 means "all devices left over"."""
+
+  data: int = -1
+  model: int = 1  # model parallelism: 8 for UL2 20B on a TPU v4 pod, as in the paper
+  parameter_partitioning_dims: int = 1
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A `Mesh(('data', 'model'))` over all devices (every process's, on multi-host runs).
+
+  >>> dict(make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1]).shape)
+  {'data': 1, 'model': 1}
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  data, model = config.data, config.model
+  if model < 1 or (data < 1 and data != -1):
+    raise ValueError(f'MeshConfig(data={data}, model={model}): sizes must be positive '
+                     '(data may be -1 for "all remaining devices").')
+  if data == -1:
+    if n % model:
+      raise ValueError(f'MeshConfig.model={model} does not divide the {n} devices; set it '
+                       f'to a divisor of {n}.')
+    data = n // model
+  if data * model != n:
+    raise ValueError(f'MeshConfig(data={data}, model={model}) needs {data * model} devices but '
+                     f'{n} are available; set data * model = {n} (or data = -1).')
+  return Mesh(np.asarray(devices).reshape(data, model), ('data', 'model'))
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: AxisRules) -> Any:
+  """`NamedSharding`s for a tree of `nn.LogicallyPartitioned` values (or their shapes)."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, jax.sharding.PartitionSpec())
