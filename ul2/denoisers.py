@@ -1,0 +1,477 @@
+"""The UL2 Mixture-of-Denoisers as seqio preprocessors (TensorFlow ops only, no JAX).
+
+Every denoiser is span corruption (reference §1). R and X denoisers replace random noise spans
+by unique sentinels; S is a prefix LM: the input is a prefix, the target the rest. A mode token
+(`[NLU]` for R, `[S2S]` for S, `[NLG]` for X) is prepended to the inputs. A worked example with
+the 32,100-id T5 vocabulary (`<extra_id_0>` = 32099, `<extra_id_1>` = 32098, EOS = 1), a raw
+chunk of ten word pieces `a b c d e f g h i j` = [10 .. 19]:
+
+  R (mu=3, r=0.15 -> 2 noise tokens in 1 span; noise mask 0000000011: noise and non-noise
+     spans alternate, starting with non-noise and ending with noise, as in T5):
+    inputs   [NLU] a b c d e f g h <extra_id_0> EOS
+             [784, 567, 9138, 908, 10, 11, 12, 13, 14, 15, 16, 17, 32099, 1]
+    targets  <extra_id_0> i j EOS          [32099, 18, 19, 1]
+
+  X (mu=3, r=0.5 -> 5 noise tokens in 2 spans; noise mask 0111000011):
+    inputs   [NLG] a <extra_id_0> e f g h <extra_id_1> EOS
+             [784, 18207, 517, 908, 10, 32099, 14, 15, 16, 17, 32098, 1]
+    targets  <extra_id_0> b c d <extra_id_1> i j EOS   [32099, 11, 12, 13, 32098, 18, 19, 1]
+
+  S (prefix of 6 tokens):
+    inputs   [S2S] a b c d e f EOS
+             [784, 134, 357, 134, 908, 10, 11, 12, 13, 14, 15, 1]
+    targets  g h i j EOS                   [16, 17, 18, 19, 1]
+
+`tests/test_denoisers.py` checks these exact lists. Merging inputs (without the mode token) and
+targets by their sentinels always gives the raw chunk back.
+
+Three pitfalls of the reference `ul2_objective` are handled here (reference §1):
+  1. Sentinel overflow: a denoiser that could need more spans than the vocabulary has sentinels
+     is rejected when the preprocessor is built (`sentinel_overflow='error'`), or its span count
+     is capped (`'cap'`); never are ordinary word pieces used as sentinels.
+  2. Prompt overflow: each denoiser's raw chunk length is chosen so that mode token + corrupted
+     inputs + EOS and targets + EOS fit the feature lengths; nothing is trimmed afterwards.
+  3. The S sentinel: `Denoiser.s_sentinel` appends `<extra_id_0>` to S inputs (model cards).
+
+Data flow inside `MixtureOfDenoisers.__call__` (a seqio preprocessor over tokenized `targets`):
+
+  documents -> blocks of `docs_per_block` concatenated documents (T5's reduce_concat_tokens)
+            -> each block cut into chunks; each chunk's denoiser drawn by the mixing rates and
+               the chunk cut to that denoiser's raw length (so nothing is wasted)
+            -> denoise: {'inputs', 'targets', 'denoiser'} (EOS added by seqio afterwards)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+MODES = ('[NLU]', '[S2S]', '[NLG]')
+FAMILY_MODES = {'R': '[NLU]', 'S': '[S2S]', 'X': '[NLG]'}
+# Dedicated mode-token ids for `MixtureConfig.mode_token_ids`: unused rows of the 32,128-row
+# embedding just above the 32,100 vocabulary ids (ports that use one id per mode do this).
+DEDICATED_MODE_IDS = {'[NLU]': 32100, '[S2S]': 32101, '[NLG]': 32102}
+
+
+@dataclasses.dataclass(frozen=True)
+class Denoiser:
+  """One denoiser. R/X: span corruption (mean span length, corruption rate); S: prefix LM.
+
+  S options: `s_split='uniform'` draws the prefix length uniformly in [1, L-1] (the reference
+  code, mean target fraction 1/2); `s_split='fixed'` makes the target `corruption_rate` of the
+  chunk (the paper: 0.25). `s_sentinel` ends S inputs with `<extra_id_0>`.
+  """
+
+  family: str  # 'R', 'S' or 'X'
+  mean_span_length: float = 3.0
+  corruption_rate: float = 0.15
+  mode: str | None = None  # None: the family's mode token
+  s_split: str = 'uniform'
+  s_sentinel: bool = False
+
+  def __post_init__(self):
+    if self.family not in FAMILY_MODES:
+      raise ValueError(f"Denoiser.family must be 'R', 'S' or 'X', got {self.family!r}.")
+    if self.mode is None:
+      object.__setattr__(self, 'mode', FAMILY_MODES[self.family])
+    if self.family != 'S' and self.mean_span_length < 1:
+      raise ValueError(f'Denoiser {self.name}: mean_span_length must be >= 1, got '
+                       f'{self.mean_span_length}.')
+    if not 0.0 < self.corruption_rate < 1.0:
+      raise ValueError(f'Denoiser {self.name}: corruption_rate must be in (0, 1), got '
+                       f'{self.corruption_rate}.')
+    if self.s_split not in ('uniform', 'fixed'):
+      raise ValueError(f"Denoiser {self.name}: s_split must be 'uniform' or 'fixed', got "
+                       f'{self.s_split!r}.')
+
+  @property
+  def name(self) -> str:
+    """A short label: 'R(3,0.15)', 'X(64,0.5)', 'S(uniform)' or 'S(0.25)'."""
+    if self.family == 'S':
+      return 'S(uniform)' if self.s_split == 'uniform' else f'S({self.corruption_rate:g})'
+    return f'{self.family}({self.mean_span_length:g},{self.corruption_rate:g})'
+
+
+def R(mu: float, r: float, **kw) -> Denoiser:  # noqa: N802  (the paper's notation)
+  return Denoiser('R', mu, r, **kw)
+
+
+def X(mu: float, r: float, **kw) -> Denoiser:  # noqa: N802
+  return Denoiser('X', mu, r, **kw)
+
+
+def S(split: str = 'uniform', r: float = 0.25, **kw) -> Denoiser:  # noqa: N802
+  return Denoiser('S', 1.0, r, s_split=split, **kw)
+
+
+# The paper's seven denoisers, mixed uniformly per example (the reference code's rates=None).
+UL2_DENOISERS = (R(3, 0.15), R(8, 0.15), S(), X(3, 0.5), X(8, 0.5), X(64, 0.15), X(64, 0.5))
+# UL2R / U-PaLM: 50% S, 25% R (3, 0.15), 25% X (32, 0.5).
+UL2R_DENOISERS, UL2R_RATES = (R(3, 0.15), X(32, 0.5), S()), (0.25, 0.25, 0.5)
+# NeMo: one third per family, split evenly inside each family.
+NEMO_RATES = (1 / 6, 1 / 6, 1 / 3, 1 / 12, 1 / 12, 1 / 12, 1 / 12)
+T5_SPAN_CORRUPTION = (R(3, 0.15),)
+PREFIX_LM = (S(),)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureConfig:
+  """A mixture of denoisers and how its examples are built.
+
+  >>> MixtureConfig(UL2R_DENOISERS, UL2R_RATES).normalized_rates()
+  (0.25, 0.25, 0.5)
+  """
+
+  denoisers: tuple[Denoiser, ...] = UL2_DENOISERS
+  rates: tuple[float, ...] | None = None  # None: uniform over the denoisers, per example
+  # More possible spans than sentinel ids: 'error' (default: refuse to build, say what to do),
+  # or 'cap' (cap the span count at the number of sentinels; spans get longer than mu).
+  sentinel_overflow: str = 'error'
+  # None: mode tokens as text ('[NLU]' -> [784, 567, 9138, 908]), as the released UL2
+  # checkpoints use them. Or one id per mode, e.g. DEDICATED_MODE_IDS.
+  mode_token_ids: Mapping[str, int] | None = None
+  # Short documents (Gutenberg paragraphs) are concatenated in blocks of this many before
+  # chunking, as T5's reduce_concat_tokens does, so windows are full.
+  docs_per_block: int = 128
+
+  def __post_init__(self):
+    object.__setattr__(self, 'denoisers', tuple(self.denoisers))
+    if not self.denoisers:
+      raise ValueError('MixtureConfig.denoisers is empty; give at least one Denoiser.')
+    if self.rates is not None:
+      object.__setattr__(self, 'rates', tuple(float(r) for r in self.rates))
+      if len(self.rates) != len(self.denoisers) or min(self.rates) < 0 or sum(self.rates) <= 0:
+        raise ValueError(f'MixtureConfig.rates {self.rates} must be {len(self.denoisers)} '
+                         'non-negative numbers (one per denoiser) with a positive sum.')
+    if self.sentinel_overflow not in ('error', 'cap'):
+      raise ValueError("MixtureConfig.sentinel_overflow must be 'error' or 'cap', got "
+                       f'{self.sentinel_overflow!r}.')
+    if self.mode_token_ids is not None:
+      missing = {d.mode for d in self.denoisers} - set(self.mode_token_ids)
+      if missing:
+        raise ValueError(f'MixtureConfig.mode_token_ids has no id for {sorted(missing)}.')
+    if self.docs_per_block < 1:
+      raise ValueError('MixtureConfig.docs_per_block must be >= 1.')
+
+  def normalized_rates(self) -> tuple[float, ...]:
+    rates = self.rates or (1.0,) * len(self.denoisers)
+    total = sum(rates)
+    return tuple(r / total for r in rates)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizing: the raw chunk each denoiser can take (pure Python, at build time)
+# ----------------------------------------------------------------------------------------------
+
+def _round(x) -> int:
+  # Same arithmetic as the TF graph: float32 product, round half to even.
+  return int(np.round(np.float32(x)))
+
+
+def span_counts(length: int, denoiser: Denoiser, max_spans: int | None = None) -> tuple[int, int]:
+  """(noise tokens, noise spans) of a raw chunk: the reference code's formulas.
+
+  num_noise = clamp(round(L * r), 1, L - 1); num_spans = max(round(num_noise / mu), 1),
+  at most `max_spans` and never more than the non-noise tokens that separate the spans.
+
+  >>> span_counts(568, R(3, 0.15))
+  (85, 28)
+  >>> span_counts(10, X(3, 0.5))
+  (5, 2)
+  """
+  num_noise = min(max(_round(np.float32(length) * np.float32(denoiser.corruption_rate)), 1),
+                  length - 1)
+  num_spans = max(_round(np.float32(num_noise) / np.float32(denoiser.mean_span_length)), 1)
+  if max_spans is not None:
+    num_spans = min(num_spans, max_spans)
+  return num_noise, min(num_spans, length - num_noise)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+  """How one denoiser fills the feature lengths: its raw chunk and worst-case outputs."""
+
+  denoiser: Denoiser
+  raw_length: int       # tokens taken from the corpus per example
+  prompt_length: int    # mode-token ids prepended to the inputs
+  max_inputs: int       # longest inputs incl. prompt and EOS (<= inputs feature length)
+  max_targets: int      # longest targets incl. EOS (<= targets feature length)
+  max_spans: int        # most sentinels one example uses
+
+
+def plan_chunks(config: MixtureConfig, feature_lengths: Mapping[str, int],
+                vocabulary: seqio.Vocabulary) -> list[ChunkPlan]:
+  """Sizes every denoiser's raw chunk to fit `feature_lengths`; checks sentinel overflow.
+
+  For every chunk length up to the chosen one (the last chunk of a block is shorter), mode
+  token + inputs + EOS fit `inputs` and targets + EOS fit `targets`: nothing is trimmed.
+
+  With inputs 512 and no prompt this gives the reference's `random_spans_helper` numbers
+  (R(3,0.15): 568 raw tokens); here the 4-5 mode-token pieces are reserved too.
+  """
+  missing = {'inputs', 'targets'} - set(feature_lengths)
+  if missing:
+    raise ValueError(f'Feature lengths {dict(feature_lengths)} lack {sorted(missing)}; pass '
+                     "e.g. {'inputs': 512, 'targets': 512}.")
+  num_sentinels = vocabulary.extra_ids
+  plans = []
+  for d in config.denoisers:
+    prompt = len(mode_token_ids(d.mode, config, vocabulary))
+    room_in = feature_lengths['inputs'] - prompt - 1  # EOS
+    room_tgt = feature_lengths['targets'] - 1         # EOS
+    if d.family == 'S':
+      if d.s_sentinel and num_sentinels < 1:
+        raise ValueError(f'{d.name} ends its inputs with <extra_id_0> but the vocabulary has '
+                         'no extra ids; build it with extra_ids=100.')
+      room_in -= int(d.s_sentinel)
+      length, worst = _largest_fitting(lambda n: _s_lengths(n, d), room_in, room_tgt)
+      spans = 1 if d.s_sentinel else 0
+    else:
+      cap = num_sentinels if config.sentinel_overflow == 'cap' else None
+      length, worst = _largest_fitting(
+          lambda n: _span_corruption_lengths(n, d, cap), room_in, room_tgt)
+      spans = max(span_counts(n, d, cap)[1] for n in range(2, length + 1)) if length >= 2 else 0
+      if spans > num_sentinels:
+        raise ValueError(
+            f'Sentinel overflow: denoiser {d.name} makes up to {spans} noise spans at feature '
+            f'lengths {dict(feature_lengths)}, but the vocabulary has {num_sentinels} sentinel '
+            'ids. Choose one: MixtureConfig(sentinel_overflow=\'cap\') caps the span count '
+            f'(spans get longer than {d.mean_span_length:g}); a vocabulary with more extra '
+            f'ids (seqio.SentencePieceVocabulary(..., extra_ids={spans})); or shorter '
+            'feature lengths.')
+    if length < 2:
+      raise ValueError(
+          f'Feature lengths {dict(feature_lengths)} are too short for denoiser {d.name}: with '
+          f'its {prompt}-token mode prompt and EOS no chunk of 2 tokens fits. Use longer '
+          "'inputs'/'targets' lengths (UL2 uses 512/512).")
+    plans.append(ChunkPlan(d, length, prompt, worst[0] + prompt + 1, worst[1] + 1, spans))
+  return plans
+
+
+def _span_corruption_lengths(n: int, d: Denoiser, cap: int | None) -> tuple[int, int]:
+  noise, spans = span_counts(n, d, cap)
+  return n - noise + spans, noise + spans  # (inputs, targets) before prompt and EOS
+
+
+def _s_lengths(n: int, d: Denoiser) -> tuple[int, int]:
+  if d.s_split == 'uniform':  # prefix anywhere in [1, n-1]: worst cases at both ends
+    return n - 1 + int(d.s_sentinel), n - 1
+  suffix = min(max(_round(np.float32(n) * np.float32(d.corruption_rate)), 1), n - 1)
+  return n - suffix + int(d.s_sentinel), suffix
+
+
+def _largest_fitting(lengths_fn, room_in: int, room_tgt: int) -> tuple[int, tuple[int, int]]:
+  """Largest n such that every n' in [2, n] fits; with the worst (inputs, targets) seen."""
+  n, worst = 1, (0, 0)
+  while True:
+    inputs, targets = lengths_fn(n + 1)
+    if inputs > room_in or targets > room_tgt:
+      return n, worst
+    n, worst = n + 1, (max(worst[0], inputs), max(worst[1], targets))
+
+
+def mode_token_ids(mode: str, config: MixtureConfig, vocabulary: seqio.Vocabulary) -> list[int]:
+  """The ids prepended for `mode`: the encoded text, or the dedicated id.
+
+  >>> from ul2 import vocabulary
+  >>> vocab = vocabulary.get_vocabulary()
+  >>> mode_token_ids('[S2S]', MixtureConfig(), vocab)
+  [784, 134, 357, 134, 908]
+  >>> mode_token_ids('[S2S]', MixtureConfig(mode_token_ids=DEDICATED_MODE_IDS), vocab)
+  [32101]
+  """
+  if not mode:
+    return []
+  if config.mode_token_ids is not None:
+    return [int(config.mode_token_ids[mode])]
+  return list(vocabulary.encode(mode))
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorFlow: noise masks and sentinels (after t5.data.preprocessors, with explicit seeds)
+# ----------------------------------------------------------------------------------------------
+
+def _random_segmentation(num_items: tf.Tensor, num_segments: tf.Tensor,
+                         seed: tf.Tensor) -> tf.Tensor:
+  """A uniformly random composition of `num_items` into `num_segments` positive parts."""
+  cuts = tf.cast(tf.range(num_items - 1) < num_segments - 1, tf.int32)
+  order = tf.argsort(tf.random.stateless_uniform([num_items - 1], seed))
+  first_in_segment = tf.pad(tf.gather(cuts, order), [[1, 0]])
+  segment_id = tf.cumsum(first_in_segment)
+  return tf.math.unsorted_segment_sum(tf.ones_like(segment_id), segment_id, num_segments)
+
+
+def random_spans_noise_mask(length: tf.Tensor, num_noise: tf.Tensor, num_spans: tf.Tensor,
+                            seed: tf.Tensor) -> tf.Tensor:
+  """Boolean [length]: `num_spans` noise spans of random lengths, alternating with non-noise
+  spans and starting with non-noise (T5's `random_spans_noise_mask` with given counts)."""
+  seeds = tf.random.experimental.stateless_split(seed, 2)
+  noise_lengths = _random_segmentation(num_noise, num_spans, seeds[0])
+  nonnoise_lengths = _random_segmentation(length - num_noise, num_spans, seeds[1])
+  interleaved = tf.reshape(tf.stack([nonnoise_lengths, noise_lengths], axis=1), [-1])
+  span_starts = tf.cumsum(interleaved)[:-1]
+  span_start_indicator = tf.math.unsorted_segment_sum(
+      tf.ones_like(span_starts), span_starts, length)
+  return tf.equal(tf.cumsum(span_start_indicator) % 2, 1)
+
+
+def noise_span_to_unique_sentinel(tokens: tf.Tensor, noise_mask: tf.Tensor,
+                                  vocab_size: int) -> tf.Tensor:
+  """Each noise span -> one sentinel, counting down from `vocab_size - 1` (<extra_id_0>).
+
+  >>> noise_span_to_unique_sentinel(tf.constant([10, 11, 12, 13, 14]),
+  ...                               tf.constant([False, True, True, False, True]), 100).numpy()
+  array([10, 99, 13, 98], dtype=int32)
+  """
+  prev_is_noise = tf.pad(noise_mask[:-1], [[1, 0]])
+  first_noise = tf.logical_and(noise_mask, tf.logical_not(prev_is_noise))
+  subsequent_noise = tf.logical_and(noise_mask, prev_is_noise)
+  sentinel = vocab_size - tf.cumsum(tf.cast(first_noise, tokens.dtype))
+  tokens = tf.where(first_noise, sentinel, tokens)
+  return tf.boolean_mask(tokens, tf.logical_not(subsequent_noise))
+
+
+def corrupt_spans(tokens: tf.Tensor, noise_mask: tf.Tensor,
+                  vocab_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """(inputs, targets) of R/X span corruption for a given noise mask, before prompt and EOS.
+
+  >>> mask = tf.constant([0, 1, 1, 1, 0, 0, 0, 0, 1, 1]) > 0
+  >>> inputs, targets = corrupt_spans(tf.range(10, 20), mask, 32100)
+  >>> inputs.numpy().tolist(), targets.numpy().tolist()
+  ([10, 32099, 14, 15, 16, 17, 32098], [32099, 11, 12, 13, 32098, 18, 19])
+  """
+  return (noise_span_to_unique_sentinel(tokens, noise_mask, vocab_size),
+          noise_span_to_unique_sentinel(tokens, tf.logical_not(noise_mask), vocab_size))
+
+
+def split_prefix(tokens: tf.Tensor, prefix_length: tf.Tensor,
+                 sentinel: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+  """(inputs, targets) of the S-denoiser: the prefix (+ an optional sentinel) and the rest.
+
+  >>> [t.numpy().tolist() for t in split_prefix(tf.range(10, 14), 3, tf.constant([32099]))]
+  [[10, 11, 12, 32099], [13]]
+  """
+  inputs = tokens[:prefix_length]
+  if sentinel is not None:
+    inputs = tf.concat([inputs, sentinel], 0)
+  return inputs, tokens[prefix_length:]
+
+
+def _span_counts_tf(length, mean_span_length, corruption_rate, max_spans):
+  """`span_counts` in TF; `max_spans` < 0 means no cap."""
+  num_noise = tf.cast(tf.round(tf.cast(length, tf.float32) * corruption_rate), tf.int32)
+  num_noise = tf.minimum(tf.maximum(num_noise, 1), length - 1)
+  num_spans = tf.cast(tf.round(tf.cast(num_noise, tf.float32) / mean_span_length), tf.int32)
+  num_spans = tf.maximum(num_spans, 1)
+  num_spans = tf.where(max_spans >= 0, tf.minimum(num_spans, max_spans), num_spans)
+  return num_noise, tf.minimum(num_spans, length - num_noise)
+
+
+# ----------------------------------------------------------------------------------------------
+# The preprocessor
+# ----------------------------------------------------------------------------------------------
+
+class MixtureOfDenoisers:
+  """A seqio preprocessor: tokenized documents in `targets` -> denoised examples.
+
+  Output features: `inputs` and `targets` (int32, without EOS: put
+  `seqio.preprocessors.append_eos_after_trim` after it) and `denoiser` (the index into
+  `config.denoisers`, kept for statistics; feature converters drop it).
+
+  Randomness comes from seqio's per-map seeds (`get_dataset(seed=...)`): the same seed gives
+  the same stream, a different seed a different one.
+  """
+
+  def __init__(self, config: MixtureConfig = MixtureConfig()):
+    self.config = config
+
+  def __call__(self, dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
+               output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+    if sequence_length is None:
+      raise ValueError('The Mixture-of-Denoisers preprocessor needs feature lengths: call '
+                       "get_dataset(sequence_length={'inputs': 512, 'targets': 512}, ...).")
+    vocabulary = output_features['targets'].vocabulary
+    plans = plan_chunks(self.config, sequence_length, vocabulary)
+    dataset = self._blocks(dataset)
+    dataset = self._chunks(dataset, plans)
+    return self._denoise(dataset, plans, vocabulary)
+
+  def _blocks(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """Concatenates `docs_per_block` consecutive documents into one token block."""
+    dataset = dataset.map(lambda ex: {'targets': ex['targets']},
+                          num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.filter(lambda ex: tf.size(ex['targets']) > 0)
+    dataset = dataset.ragged_batch(self.config.docs_per_block)
+    return dataset.map(lambda ex: {'targets': ex['targets'].flat_values},
+                       num_parallel_calls=tf.data.AUTOTUNE)
+
+  def _chunks(self, dataset: tf.data.Dataset, plans: Sequence[ChunkPlan]) -> tf.data.Dataset:
+    """Cuts each block into chunks: draw a denoiser per chunk, take its raw length."""
+    raw_lengths = tf.constant([p.raw_length for p in plans], tf.int32)
+    logits = tf.math.log(tf.constant([self.config.normalized_rates()], tf.float32))
+    min_length = min(p.raw_length for p in plans)
+
+    @seqio.map_over_dataset(num_seeds=1)
+    def cut(block, seed):
+      tokens = block['targets']  # [block_length]
+      n = tf.size(tokens)
+      max_chunks = n // min_length + 1
+      ids = tf.random.stateless_categorical(logits, max_chunks, seed, dtype=tf.int32)[0]
+      ends = tf.cumsum(tf.gather(raw_lengths, ids))
+      starts = ends - tf.gather(raw_lengths, ids)
+      ends = tf.minimum(ends, n)
+      # Keep chunks that start inside the block and hold at least 2 tokens (a span needs a
+      # non-noise neighbour); only a block's last chunk can be shorter than its raw length.
+      keep = tf.logical_and(starts < n, ends - starts >= 2)
+      starts, ends, ids = (tf.boolean_mask(t, keep) for t in (starts, ends, ids))
+      chunks = tf.RaggedTensor.from_row_lengths(tokens[:tf.reduce_max(tf.concat(
+          [ends, [0]], 0))], ends - starts)
+      return {'targets': chunks, 'denoiser': ids}
+
+    return cut(dataset).unbatch()
+
+  def _denoise(self, dataset: tf.data.Dataset, plans: Sequence[ChunkPlan],
+               vocabulary: seqio.Vocabulary) -> tf.data.Dataset:
+    cfg = self.config
+    vocab_size = vocabulary.vocab_size  # <extra_id_0> = vocab_size - 1
+    cap = vocabulary.extra_ids if cfg.sentinel_overflow == 'cap' else -1
+    ds = cfg.denoisers
+    is_s = tf.constant([d.family == 'S' for d in ds])
+    mean_span = tf.constant([d.mean_span_length for d in ds], tf.float32)
+    rate = tf.constant([d.corruption_rate for d in ds], tf.float32)
+    s_uniform = tf.constant([d.s_split == 'uniform' for d in ds])
+    s_sentinel = tf.constant([d.s_sentinel for d in ds])
+    prompts = tf.ragged.constant([mode_token_ids(d.mode, cfg, vocabulary) for d in ds],
+                                 dtype=tf.int32, ragged_rank=1)
+
+    def span_corruption(tokens, d, seed):
+      length = tf.size(tokens)
+      num_noise, num_spans = _span_counts_tf(length, mean_span[d], rate[d], cap)
+      mask = random_spans_noise_mask(length, num_noise, num_spans, seed)
+      return corrupt_spans(tokens, mask, vocab_size)
+
+    def prefix_lm(tokens, d, seed):
+      length = tf.size(tokens)
+      uniform_prefix = tf.random.stateless_uniform([], seed, 1, length, dtype=tf.int32)
+      suffix = tf.cast(tf.round(tf.cast(length, tf.float32) * rate[d]), tf.int32)
+      fixed_prefix = length - tf.minimum(tf.maximum(suffix, 1), length - 1)
+      prefix = tf.where(s_uniform[d], uniform_prefix, fixed_prefix)
+      # <extra_id_0> when the denoiser asks for it, else nothing (a length-0 fill).
+      sentinel = tf.fill([tf.cast(s_sentinel[d], tf.int32)], vocab_size - 1)
+      return split_prefix(tokens, prefix, sentinel)
+
+    @seqio.map_over_dataset(num_seeds=1)
+    def denoise(ex, seed):
+      tokens, d = ex['targets'], ex['denoiser']
+      inputs, targets = tf.cond(is_s[d], lambda: prefix_lm(tokens, d, seed),
+                                lambda: span_corruption(tokens, d, seed))
+      inputs = tf.concat([prompts[d], inputs], 0)
+      return {'inputs': inputs, 'targets': targets, 'denoiser': d}
+
+    return denoise(dataset)
+
