@@ -67,11 +67,11 @@ def output_features(vocab: seqio.Vocabulary | None = None) -> dict[str, seqio.Fe
 
 
 def preprocessors(mixture: denoisers.MixtureConfig, text_key: str = 'text') -> list:
-  """rekey -> tokenize -> (cache) -> Mixture-of-Denoisers -> EOS."""
+  """rekey -> tokenize into blocks of 128 documents -> (cache) -> Mixture-of-Denoisers -> EOS."""
   return [
       _lines_as_documents,
       functools.partial(seqio.preprocessors.rekey, key_map={'targets': text_key}),
-      seqio.preprocessors.tokenize,
+      denoisers.tokenize_blocks,
       seqio.CacheDatasetPlaceholder(),
       denoisers.MixtureOfDenoisers(mixture),
       # Never trims: every denoiser's chunk was sized to leave room for the EOS.

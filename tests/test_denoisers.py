@@ -23,17 +23,36 @@ EOS = 1
 
 @pytest.fixture(scope='module')
 def documents():
-  """The bundled Gutenberg train sample, tokenized once: a list of int32 arrays (paragraphs)."""
+  """The bundled Gutenberg train sample tokenized once, as the task does it: a list of int32
+  blocks, each 128 consecutive paragraphs concatenated (~430k T5 tokens in ~72 blocks)."""
   task = seqio.get_mixture_or_task('ul2_mod_gutenberg')
   ds = task.source.get_dataset('train', shuffle=False)
-  ds = task.preprocess_precache(ds, seed=0)  # rekey + tokenize
-  docs = [ex['targets'] for ex in ds.as_numpy_iterator()]
-  assert sum(map(len, docs)) > 300_000  # ~430k T5 tokens
-  return docs
+  ds = task.preprocess_precache(ds, seed=0)  # lines -> rekey -> tokenize_blocks
+  blocks = [ex['targets'] for ex in ds.as_numpy_iterator()]
+  assert sum(map(len, blocks)) > 300_000
+  return blocks
+
+
+def test_tokenize_blocks_equals_per_document_tokenization():
+  lines = open(pretrain.BUNDLED_GUTENBERG_DIR + '/gutenberg_validation_00.txt').read().split(
+      '\n')[:300]
+  ds = tf.data.Dataset.from_tensor_slices({'targets': lines})
+  features = pretrain.output_features()
+  blocks = list(D.tokenize_blocks(ds, features, 128).as_numpy_iterator())
+  per_doc = [VOCAB.encode(line) for line in lines]
+  assert len(blocks) == 3  # 128 + 128 + 44 lines
+  expected = [np.concatenate(per_doc[i:i + 128]) for i in (0, 128, 256)]
+  for block, want in zip(blocks, expected):
+    np.testing.assert_array_equal(block['targets'], want)
+  # The same for documents that are already tokenized.
+  tokenized = tf.data.Dataset.from_tensor_slices({'targets': tf.ragged.constant(per_doc)})
+  for block, want in zip(D.concatenate_documents(tokenized, 128).as_numpy_iterator(), expected):
+    np.testing.assert_array_equal(block['targets'], want)
 
 
 def run(config, docs, lengths=LENGTHS, seed=0, vocab=VOCAB, limit=None):
-  """The preprocessor + seqio's EOS step, as numpy examples, seeded like get_dataset."""
+  """The preprocessor + seqio's EOS step on token blocks, as numpy examples, seeded like
+  get_dataset."""
   ds = tf.data.Dataset.from_tensor_slices(
       {'targets': tf.ragged.constant(docs, dtype=tf.int32)})
   features = pretrain.output_features(vocab)
@@ -99,34 +118,64 @@ def test_literal_examples_match_the_docstring():
   expected = docstring_lists()
   tokens = tf.range(10, 20)
   config = D.MixtureConfig()
-  mask = lambda bits: tf.constant([int(b) for b in bits]) > 0
   got = {}
-  for family, bits in (('R', '0000000011'), ('X', '0111000011')):
-    inputs, targets = D.corrupt_spans(tokens, mask(bits), VOCAB.vocab_size)
+  for family, bits in (('R', '0000000011'), ('X', '0111000011'), ('S', '0000001111')):
+    mask = tf.constant([int(b) for b in bits]) > 0
+    inputs, targets = D.corrupt(tokens, mask, tf.constant([10]), tf.constant([family == 'S']),
+                                tf.constant([False]), VOCAB.vocab_size)
     got[family] = [D.mode_token_ids(D.FAMILY_MODES[family], config, VOCAB)
-                   + inputs.numpy().tolist() + [EOS], targets.numpy().tolist() + [EOS]]
-  inputs, targets = D.split_prefix(tokens, 6)
-  got['S'] = [D.mode_token_ids('[S2S]', config, VOCAB) + inputs.numpy().tolist() + [EOS],
-              targets.numpy().tolist() + [EOS]]
+                   + inputs.to_list()[0] + [EOS], targets.to_list()[0] + [EOS]]
   assert got == expected
   # The docstring's span counts are the formulas' for a 10-token chunk.
   assert D.span_counts(10, D.R(3, 0.15)) == (2, 1)
   assert D.span_counts(10, D.X(3, 0.5)) == (5, 2)
 
 
+def test_s_sentinel_ends_the_inputs_and_targets_carry_none():
+  mask = tf.constant([0, 0, 0, 1, 1]) > 0
+  inputs, targets = D.corrupt(tf.range(10, 15), mask, tf.constant([5]), tf.constant([True]),
+                              tf.constant([True]), VOCAB.vocab_size)
+  assert inputs.to_list() == [[10, 11, 12, 32099]] and targets.to_list() == [[13, 14]]
+
+
 def test_noise_masks_alternate_and_have_the_configured_counts():
   rng = np.random.default_rng(0)
-  for _ in range(300):
+  lengths, noise, spans = [], [], []
+  for _ in range(400):
     length = int(rng.integers(2, 300))
     d = D.Denoiser(rng.choice(['R', 'X']), float(rng.choice([3, 8, 64])),
                    float(rng.choice([0.15, 0.5])))
-    num_noise, num_spans = D.span_counts(length, d)
-    seed = tf.constant(rng.integers(0, 2**31, size=2), tf.int32)
-    mask = D.random_spans_noise_mask(length, num_noise, num_spans, seed).numpy()
-    assert mask.sum() == num_noise
+    n, k = D.span_counts(length, d)
+    lengths.append(length), noise.append(n), spans.append(k)
+  flat = D.noise_masks(tf.constant(lengths), tf.constant(noise), tf.constant(spans),
+                       tf.constant([1, 2])).numpy()
+  assert len(flat) == sum(lengths)
+  offsets = np.cumsum([0] + lengths)
+  span_lengths = collections.Counter()
+  for i, (length, n, k) in enumerate(zip(lengths, noise, spans)):
+    mask = flat[offsets[i]:offsets[i + 1]]
+    assert mask.sum() == n
     starts = np.flatnonzero(mask & ~np.pad(mask[:-1], (1, 0)))
-    assert len(starts) == num_spans
+    assert len(starts) == k
     assert not mask[0] and mask[-1]  # starts with non-noise, ends with noise
+    if (length, n, k) == (lengths[0], noise[0], spans[0]):
+      span_lengths[tuple(np.diff(np.append(starts, length)))] += 1
+  # Compositions are random: a different seed moves the spans.
+  other = D.noise_masks(tf.constant(lengths), tf.constant(noise), tf.constant(spans),
+                        tf.constant([3, 4])).numpy()
+  assert not np.array_equal(flat, other)
+
+
+def test_random_compositions_are_uniform():
+  """All C(5, 2) = 10 compositions of 6 into 3 parts appear equally often."""
+  rows = 20000
+  parts = D._random_compositions(tf.fill([rows], 6), tf.fill([rows], 3),
+                                 tf.constant([5, 6])).numpy().reshape(rows, 3)
+  assert (parts.sum(1) == 6).all() and (parts >= 1).all()
+  counts = collections.Counter(map(tuple, parts))
+  assert len(counts) == 10
+  chi2, p = scipy.stats.chisquare(list(counts.values()))
+  assert p > 1e-3, counts
 
 
 def test_chunk_sizes_reproduce_the_reference_without_prompt():
@@ -161,7 +210,7 @@ def test_sentinel_overflow_cap_and_more_extra_ids(documents):
   capped = D.MixtureConfig((D.X(3, 0.5),), sentinel_overflow='cap')
   [plan] = D.plan_chunks(capped, LENGTHS, VOCAB)
   assert plan.max_spans == 100
-  examples = run(capped, documents[:3000])
+  examples = run(capped, documents[:25])
   spans = [sum(is_sentinel(t) for t in strip(ex, capped)[1]) for ex in examples]
   assert max(spans) == 100
   # More extra ids: the spans are not capped, and sentinels stay above the word pieces.
@@ -170,7 +219,7 @@ def test_sentinel_overflow_cap_and_more_extra_ids(documents):
   [plan] = D.plan_chunks(plain, LENGTHS, vocab)
   assert plan.max_spans == 127
   most = 0
-  for ex in run(plain, documents[:3000], vocab=vocab):
+  for ex in run(plain, documents[:25], vocab=vocab):
     d, inputs, targets = strip(ex, plain, vocab)
     merge(d, inputs, targets, vocab)
     sentinels = [t for t in inputs if t >= SENTINEL_LO]  # word pieces are all below 32000
@@ -231,8 +280,7 @@ def test_every_denoiser_reconstructs_the_corpus_stream_exactly(documents):
         assert np.array_equal(stream[position:position + n], chunk), (d.name, position)
       position += n
     assert len(stream) - position <= 1
-    n_blocks = -(-len(documents) // config.docs_per_block)
-    assert skipped <= n_blocks
+    assert skipped <= len(documents)
     total += len(examples)
   assert total > 5000
 
@@ -242,7 +290,7 @@ def test_every_denoiser_reconstructs_the_corpus_stream_exactly(documents):
 def test_outputs_fit_feature_lengths_start_with_mode_and_use_only_sentinels(documents,
                                                                            lengths):
   config = pretrain.OBJECTIVES['ul2_mod']
-  examples = run(config, documents[:2500], lengths)
+  examples = run(config, documents[:20], lengths)
   assert len(examples) > 100
   seen = set()
   for ex in examples:
@@ -266,7 +314,7 @@ def test_outputs_fit_feature_lengths_start_with_mode_and_use_only_sentinels(docu
 def test_dedicated_mode_token_ids(documents):
   config = D.MixtureConfig(D.UL2R_DENOISERS, D.UL2R_RATES,
                            mode_token_ids=D.DEDICATED_MODE_IDS)
-  for ex in run(config, documents[:1000], limit=50):
+  for ex in run(config, documents[:8], limit=50):
     d = config.denoisers[ex['denoiser']]
     assert ex['inputs'][0] == D.DEDICATED_MODE_IDS[d.mode]
     assert ex['inputs'][1] < SENTINEL_LO or d.family != 'S'

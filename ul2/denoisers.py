@@ -33,12 +33,15 @@ Three pitfalls of the reference `ul2_objective` are handled here (reference §1)
      inputs + EOS and targets + EOS fit the feature lengths; nothing is trimmed afterwards.
   3. The S sentinel: `Denoiser.s_sentinel` appends `<extra_id_0>` to S inputs (model cards).
 
-Data flow inside `MixtureOfDenoisers.__call__` (a seqio preprocessor over tokenized `targets`):
+Data flow (seqio preprocessors, in a task's order):
 
-  documents -> blocks of `docs_per_block` concatenated documents (T5's reduce_concat_tokens)
-            -> each block cut into chunks; each chunk's denoiser drawn by the mixing rates and
-               the chunk cut to that denoiser's raw length (so nothing is wasted)
-            -> denoise: {'inputs', 'targets', 'denoiser'} (EOS added by seqio afterwards)
+  text documents -> `tokenize_blocks`: 128 consecutive documents tokenized in one op and
+                    concatenated into one block (T5's reduce_concat_tokens), so short documents
+                    fill windows; `concatenate_documents` does the same for tokenized ones
+  blocks         -> `MixtureOfDenoisers`: each block cut into chunks, each chunk's denoiser
+                    drawn by the mixing rates and the chunk cut to that denoiser's raw length
+                    (nothing wasted); all chunks of a block denoised by one set of ops:
+                    {'inputs', 'targets', 'denoiser'} (EOS added by seqio afterwards)
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import seqio
 import tensorflow as tf
+
+from ul2 import vocabulary
 
 MODES = ('[NLU]', '[S2S]', '[NLG]')
 FAMILY_MODES = {'R': '[NLU]', 'S': '[S2S]', 'X': '[NLG]'}
@@ -135,9 +140,6 @@ class MixtureConfig:
   # None: mode tokens as text ('[NLU]' -> [784, 567, 9138, 908]), as the released UL2
   # checkpoints use them. Or one id per mode, e.g. DEDICATED_MODE_IDS.
   mode_token_ids: Mapping[str, int] | None = None
-  # Short documents (Gutenberg paragraphs) are concatenated in blocks of this many before
-  # chunking, as T5's reduce_concat_tokens does, so windows are full.
-  docs_per_block: int = 128
 
   def __post_init__(self):
     object.__setattr__(self, 'denoisers', tuple(self.denoisers))
@@ -155,8 +157,6 @@ class MixtureConfig:
       missing = {d.mode for d in self.denoisers} - set(self.mode_token_ids)
       if missing:
         raise ValueError(f'MixtureConfig.mode_token_ids has no id for {sorted(missing)}.')
-    if self.docs_per_block < 1:
-      raise ValueError('MixtureConfig.docs_per_block must be >= 1.')
 
   def normalized_rates(self) -> tuple[float, ...]:
     rates = self.rates or (1.0,) * len(self.denoisers)
@@ -293,91 +293,153 @@ def mode_token_ids(mode: str, config: MixtureConfig, vocabulary: seqio.Vocabular
 
 
 # ----------------------------------------------------------------------------------------------
-# TensorFlow: noise masks and sentinels (after t5.data.preprocessors, with explicit seeds)
+# TensorFlow, vectorised over the chunks of a block: one set of ops for ~30 examples, because
+# per-op overhead, not arithmetic, bounds a per-example pipeline on a 2-core host.
+# Flat tensors hold all chunks back to back; `row_ids` says which chunk a token belongs to.
 # ----------------------------------------------------------------------------------------------
 
-def _random_segmentation(num_items: tf.Tensor, num_segments: tf.Tensor,
+def _within_row_cumsum(x: tf.Tensor, row_ids: tf.Tensor, num_rows: tf.Tensor) -> tf.Tensor:
+  """Inclusive cumulative sum of x restarting at each row (rows are contiguous)."""
+  total = tf.cumsum(x)
+  row_totals = tf.math.unsorted_segment_sum(x, row_ids, num_rows)
+  row_offsets = tf.cumsum(row_totals, exclusive=True)
+  return total - tf.gather(row_offsets, row_ids)
+
+
+def _random_compositions(num_items: tf.Tensor, num_parts: tf.Tensor,
                          seed: tf.Tensor) -> tf.Tensor:
-  """A uniformly random composition of `num_items` into `num_segments` positive parts."""
-  cuts = tf.cast(tf.range(num_items - 1) < num_segments - 1, tf.int32)
-  order = tf.argsort(tf.random.stateless_uniform([num_items - 1], seed))
-  first_in_segment = tf.pad(tf.gather(cuts, order), [[1, 0]])
-  segment_id = tf.cumsum(first_in_segment)
-  return tf.math.unsorted_segment_sum(tf.ones_like(segment_id), segment_id, num_segments)
+  """For each row, a uniformly random composition of num_items[i] into num_parts[i] positive
+  parts (T5's `_random_segmentation`: k-1 cut points among the n-1 gaps, uniformly).
 
-
-def random_spans_noise_mask(length: tf.Tensor, num_noise: tf.Tensor, num_spans: tf.Tensor,
-                            seed: tf.Tensor) -> tf.Tensor:
-  """Boolean [length]: `num_spans` noise spans of random lengths, alternating with non-noise
-  spans and starting with non-noise (T5's `random_spans_noise_mask` with given counts)."""
-  seeds = tf.random.experimental.stateless_split(seed, 2)
-  noise_lengths = _random_segmentation(num_noise, num_spans, seeds[0])
-  nonnoise_lengths = _random_segmentation(length - num_noise, num_spans, seeds[1])
-  interleaved = tf.reshape(tf.stack([nonnoise_lengths, noise_lengths], axis=1), [-1])
-  span_starts = tf.cumsum(interleaved)[:-1]
-  span_start_indicator = tf.math.unsorted_segment_sum(
-      tf.ones_like(span_starts), span_starts, length)
-  return tf.equal(tf.cumsum(span_start_indicator) % 2, 1)
-
-
-def noise_span_to_unique_sentinel(tokens: tf.Tensor, noise_mask: tf.Tensor,
-                                  vocab_size: int) -> tf.Tensor:
-  """Each noise span -> one sentinel, counting down from `vocab_size - 1` (<extra_id_0>).
-
-  >>> noise_span_to_unique_sentinel(tf.constant([10, 11, 12, 13, 14]),
-  ...                               tf.constant([False, True, True, False, True]), 100).numpy()
-  array([10, 99, 13, 98], dtype=int32)
+  Returns the part lengths of all rows back to back: [sum(num_parts)].
   """
-  prev_is_noise = tf.pad(noise_mask[:-1], [[1, 0]])
-  first_noise = tf.logical_and(noise_mask, tf.logical_not(prev_is_noise))
-  subsequent_noise = tf.logical_and(noise_mask, prev_is_noise)
-  sentinel = vocab_size - tf.cumsum(tf.cast(first_noise, tokens.dtype))
-  tokens = tf.where(first_noise, sentinel, tokens)
-  return tf.boolean_mask(tokens, tf.logical_not(subsequent_noise))
+  rows = tf.size(num_items)
+  gaps = tf.maximum(num_items - 1, 0)
+  gap_rows = tf.repeat(tf.range(rows), gaps)
+  gap_offsets = tf.cumsum(gaps, exclusive=True)
+  item_offsets = tf.cumsum(num_items, exclusive=True)
+  # Sorting row + key keeps rows together and orders each row's gaps randomly; a gap is a cut
+  # when its rank inside the row is below k - 1.
+  keys = tf.random.stateless_uniform([tf.reduce_sum(gaps)], seed, dtype=tf.float64)
+  order = tf.argsort(tf.cast(gap_rows, tf.float64) + keys)
+  rank_in_row = tf.math.invert_permutation(order) - tf.gather(gap_offsets, gap_rows)
+  is_cut = rank_in_row < tf.gather(num_parts, gap_rows) - 1
+  # Gap g of a row sits before its item g + 1; parts start at each row's item 0 and at cuts.
+  gap_items = tf.gather(item_offsets, gap_rows) + tf.range(tf.size(gap_rows)) - tf.gather(
+      gap_offsets, gap_rows) + 1
+  part_starts = tf.sort(tf.concat([item_offsets, tf.boolean_mask(gap_items, is_cut)], 0))
+  return tf.experimental.numpy.diff(
+      tf.concat([part_starts, [tf.reduce_sum(num_items)]], 0))
 
 
-def corrupt_spans(tokens: tf.Tensor, noise_mask: tf.Tensor,
-                  vocab_size: int) -> tuple[tf.Tensor, tf.Tensor]:
-  """(inputs, targets) of R/X span corruption for a given noise mask, before prompt and EOS.
+def noise_masks(lengths: tf.Tensor, num_noise: tf.Tensor, num_spans: tf.Tensor,
+                seed: tf.Tensor) -> tf.Tensor:
+  """Flat boolean noise mask for chunks of `lengths` tokens, back to back.
+
+  Chunk i gets num_spans[i] noise spans holding num_noise[i] tokens, alternating with as many
+  non-noise spans, starting with non-noise and ending with noise; span lengths are uniformly
+  random compositions (T5's `random_spans_noise_mask`, for a batch of chunks).
+
+  >>> noise_masks(tf.constant([10]), tf.constant([2]), tf.constant([1]),
+  ...             tf.constant([0, 0])).numpy().astype(int).tolist()
+  [0, 0, 0, 0, 0, 0, 0, 0, 1, 1]
+  """
+  noise_seed, nonnoise_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  noise_lengths = _random_compositions(num_noise, num_spans, noise_seed)
+  nonnoise_lengths = _random_compositions(lengths - num_noise, num_spans, nonnoise_seed)
+  interleaved = tf.reshape(tf.stack([nonnoise_lengths, noise_lengths], axis=1), [-1])
+  values = tf.tile([False, True], [tf.reduce_sum(num_spans)])
+  return tf.repeat(values, interleaved)
+
+
+def corrupt(tokens: tf.Tensor, noise_mask: tf.Tensor, row_lengths: tf.Tensor,
+            is_prefix_lm: tf.Tensor, s_sentinel: tf.Tensor,
+            vocab_size: int) -> tuple[tf.RaggedTensor, tf.RaggedTensor]:
+  """(inputs, targets) per chunk, before mode token and EOS.
+
+  R/X: each noise span becomes one sentinel in the inputs, counting down from
+  `vocab_size - 1` (<extra_id_0>); the targets are the mirror image (T5's
+  `noise_span_to_unique_sentinel` and `nonnoise_span_to_unique_sentinel`).
+  S (`is_prefix_lm`, mask = the suffix): inputs are the prefix, plus <extra_id_0> when
+  `s_sentinel`; targets are the suffix.
 
   >>> mask = tf.constant([0, 1, 1, 1, 0, 0, 0, 0, 1, 1]) > 0
-  >>> inputs, targets = corrupt_spans(tf.range(10, 20), mask, 32100)
-  >>> inputs.numpy().tolist(), targets.numpy().tolist()
-  ([10, 32099, 14, 15, 16, 17, 32098], [32099, 11, 12, 13, 32098, 18, 19])
+  >>> inputs, targets = corrupt(tf.range(10, 20), mask, tf.constant([10]),
+  ...                           tf.constant([False]), tf.constant([False]), 32100)
+  >>> inputs.to_list(), targets.to_list()
+  ([[10, 32099, 14, 15, 16, 17, 32098]], [[32099, 11, 12, 13, 32098, 18, 19]])
   """
-  return (noise_span_to_unique_sentinel(tokens, noise_mask, vocab_size),
-          noise_span_to_unique_sentinel(tokens, tf.logical_not(noise_mask), vocab_size))
+  num_rows = tf.size(row_lengths)
+  row_ids = tf.repeat(tf.range(num_rows), row_lengths)
+  # Chunks start with non-noise and end with noise, so across a chunk boundary the previous
+  # token is always noise: the first token of every chunk starts a non-noise span.
+  prev_is_noise = tf.pad(noise_mask[:-1], [[1, 0]], constant_values=True)
+  first_noise = tf.logical_and(noise_mask, tf.logical_not(prev_is_noise))
+  first_nonnoise = tf.logical_and(tf.logical_not(noise_mask), prev_is_noise)
+  # The k-th span of a chunk (noise spans in inputs, non-noise spans in targets) -> sentinel k.
+  input_sentinels = vocab_size - _within_row_cumsum(tf.cast(first_noise, tf.int32), row_ids,
+                                                    num_rows)
+  target_sentinels = vocab_size - _within_row_cumsum(tf.cast(first_nonnoise, tf.int32),
+                                                     row_ids, num_rows)
+  token_is_s = tf.gather(is_prefix_lm, row_ids)
+  keep_inputs = tf.logical_or(
+      tf.logical_not(noise_mask),
+      tf.logical_and(first_noise, tf.logical_or(tf.logical_not(token_is_s),
+                                                tf.gather(s_sentinel, row_ids))))
+  keep_targets = tf.logical_or(noise_mask, tf.logical_and(first_nonnoise,
+                                                          tf.logical_not(token_is_s)))
+  inputs = tf.where(first_noise, input_sentinels, tokens)
+  targets = tf.where(first_nonnoise, target_sentinels, tokens)
 
-
-def split_prefix(tokens: tf.Tensor, prefix_length: tf.Tensor,
-                 sentinel: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
-  """(inputs, targets) of the S-denoiser: the prefix (+ an optional sentinel) and the rest.
-
-  >>> [t.numpy().tolist() for t in split_prefix(tf.range(10, 14), 3, tf.constant([32099]))]
-  [[10, 11, 12, 32099], [13]]
-  """
-  inputs = tokens[:prefix_length]
-  if sentinel is not None:
-    inputs = tf.concat([inputs, sentinel], 0)
-  return inputs, tokens[prefix_length:]
-
-
-def _span_counts_tf(length, mean_span_length, corruption_rate, max_spans):
-  """`span_counts` in TF; `max_spans` < 0 means no cap."""
-  num_noise = tf.cast(tf.round(tf.cast(length, tf.float32) * corruption_rate), tf.int32)
-  num_noise = tf.minimum(tf.maximum(num_noise, 1), length - 1)
-  num_spans = tf.cast(tf.round(tf.cast(num_noise, tf.float32) / mean_span_length), tf.int32)
-  num_spans = tf.maximum(num_spans, 1)
-  num_spans = tf.where(max_spans >= 0, tf.minimum(num_spans, max_spans), num_spans)
-  return num_noise, tf.minimum(num_spans, length - num_noise)
+  def ragged(values, keep):
+    return tf.RaggedTensor.from_value_rowids(tf.boolean_mask(values, keep),
+                                             tf.boolean_mask(row_ids, keep), nrows=num_rows)
+  return ragged(inputs, keep_inputs), ragged(targets, keep_targets)
 
 
 # ----------------------------------------------------------------------------------------------
 # The preprocessor
 # ----------------------------------------------------------------------------------------------
 
+DOCS_PER_BLOCK = 128  # as T5's reduce_concat_tokens(batch_size=128)
+
+
+def tokenize_blocks(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
+                    docs_per_block: int = DOCS_PER_BLOCK) -> tf.data.Dataset:
+  """Text documents in `targets` -> token blocks of `docs_per_block` documents concatenated.
+
+  One tokenizer call per block instead of per document: Gutenberg paragraphs are ~47 tokens,
+  and per-element overhead, not SentencePiece, bounded a per-document pipeline.
+
+  >>> ds = tf.data.Dataset.from_tensor_slices({'targets': ['The cat.', '', 'A dog']})
+  >>> features = {'targets': seqio.Feature(vocabulary.get_vocabulary())}
+  >>> [ex['targets'].tolist() for ex in tokenize_blocks(ds, features, 2).as_numpy_iterator()]
+  [[37, 1712, 5], [71, 1782]]
+  """
+  vocab = output_features['targets'].vocabulary
+  dataset = dataset.map(lambda ex: ex['targets'], num_parallel_calls=tf.data.AUTOTUNE)
+  dataset = dataset.batch(docs_per_block)
+  dataset = dataset.map(lambda texts: {'targets': vocab.encode_tf(texts).flat_values},
+                        num_parallel_calls=tf.data.AUTOTUNE)
+  return dataset.filter(lambda ex: tf.size(ex['targets']) > 0)
+
+
+def concatenate_documents(dataset: tf.data.Dataset,
+                          docs_per_block: int = DOCS_PER_BLOCK) -> tf.data.Dataset:
+  """Tokenized documents in `targets` -> blocks of `docs_per_block` concatenated documents."""
+  dataset = dataset.map(lambda ex: {'targets': ex['targets']},
+                        num_parallel_calls=tf.data.AUTOTUNE)
+  dataset = dataset.ragged_batch(docs_per_block)
+  dataset = dataset.map(lambda ex: {'targets': ex['targets'].flat_values},
+                        num_parallel_calls=tf.data.AUTOTUNE)
+  return dataset.filter(lambda ex: tf.size(ex['targets']) > 0)
+
+
 class MixtureOfDenoisers:
-  """A seqio preprocessor: tokenized documents in `targets` -> denoised examples.
+  """A seqio preprocessor: token blocks in `targets` -> denoised examples.
+
+  Each incoming element is chunked on its own: concatenate short documents first
+  (`tokenize_blocks` or `concatenate_documents`) so chunks are full.
 
   Output features: `inputs` and `targets` (int32, without EOS: put
   `seqio.preprocessors.append_eos_after_trim` after it) and `denoiser` (the index into
@@ -397,81 +459,64 @@ class MixtureOfDenoisers:
                        "get_dataset(sequence_length={'inputs': 512, 'targets': 512}, ...).")
     vocabulary = output_features['targets'].vocabulary
     plans = plan_chunks(self.config, sequence_length, vocabulary)
-    dataset = self._blocks(dataset)
-    dataset = self._chunks(dataset, plans)
-    return self._denoise(dataset, plans, vocabulary)
-
-  def _blocks(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
-    """Concatenates `docs_per_block` consecutive documents into one token block."""
     dataset = dataset.map(lambda ex: {'targets': ex['targets']},
                           num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.filter(lambda ex: tf.size(ex['targets']) > 0)
-    dataset = dataset.ragged_batch(self.config.docs_per_block)
-    return dataset.map(lambda ex: {'targets': ex['targets'].flat_values},
-                       num_parallel_calls=tf.data.AUTOTUNE)
+    return self._denoise_blocks(dataset, plans, vocabulary).unbatch()
 
-  def _chunks(self, dataset: tf.data.Dataset, plans: Sequence[ChunkPlan]) -> tf.data.Dataset:
-    """Cuts each block into chunks: draw a denoiser per chunk, take its raw length."""
-    raw_lengths = tf.constant([p.raw_length for p in plans], tf.int32)
-    logits = tf.math.log(tf.constant([self.config.normalized_rates()], tf.float32))
-    min_length = min(p.raw_length for p in plans)
-
-    @seqio.map_over_dataset(num_seeds=1)
-    def cut(block, seed):
-      tokens = block['targets']  # [block_length]
-      n = tf.size(tokens)
-      max_chunks = n // min_length + 1
-      ids = tf.random.stateless_categorical(logits, max_chunks, seed, dtype=tf.int32)[0]
-      ends = tf.cumsum(tf.gather(raw_lengths, ids))
-      starts = ends - tf.gather(raw_lengths, ids)
-      ends = tf.minimum(ends, n)
-      # Keep chunks that start inside the block and hold at least 2 tokens (a span needs a
-      # non-noise neighbour); only a block's last chunk can be shorter than its raw length.
-      keep = tf.logical_and(starts < n, ends - starts >= 2)
-      starts, ends, ids = (tf.boolean_mask(t, keep) for t in (starts, ends, ids))
-      chunks = tf.RaggedTensor.from_row_lengths(tokens[:tf.reduce_max(tf.concat(
-          [ends, [0]], 0))], ends - starts)
-      return {'targets': chunks, 'denoiser': ids}
-
-    return cut(dataset).unbatch()
-
-  def _denoise(self, dataset: tf.data.Dataset, plans: Sequence[ChunkPlan],
-               vocabulary: seqio.Vocabulary) -> tf.data.Dataset:
+  def _denoise_blocks(self, dataset: tf.data.Dataset, plans: Sequence[ChunkPlan],
+                      vocabulary: seqio.Vocabulary) -> tf.data.Dataset:
     cfg = self.config
     vocab_size = vocabulary.vocab_size  # <extra_id_0> = vocab_size - 1
-    cap = vocabulary.extra_ids if cfg.sentinel_overflow == 'cap' else -1
-    ds = cfg.denoisers
-    is_s = tf.constant([d.family == 'S' for d in ds])
-    mean_span = tf.constant([d.mean_span_length for d in ds], tf.float32)
-    rate = tf.constant([d.corruption_rate for d in ds], tf.float32)
-    s_uniform = tf.constant([d.s_split == 'uniform' for d in ds])
-    s_sentinel = tf.constant([d.s_sentinel for d in ds])
-    prompts = tf.ragged.constant([mode_token_ids(d.mode, cfg, vocabulary) for d in ds],
-                                 dtype=tf.int32, ragged_rank=1)
-
-    def span_corruption(tokens, d, seed):
-      length = tf.size(tokens)
-      num_noise, num_spans = _span_counts_tf(length, mean_span[d], rate[d], cap)
-      mask = random_spans_noise_mask(length, num_noise, num_spans, seed)
-      return corrupt_spans(tokens, mask, vocab_size)
-
-    def prefix_lm(tokens, d, seed):
-      length = tf.size(tokens)
-      uniform_prefix = tf.random.stateless_uniform([], seed, 1, length, dtype=tf.int32)
-      suffix = tf.cast(tf.round(tf.cast(length, tf.float32) * rate[d]), tf.int32)
-      fixed_prefix = length - tf.minimum(tf.maximum(suffix, 1), length - 1)
-      prefix = tf.where(s_uniform[d], uniform_prefix, fixed_prefix)
-      # <extra_id_0> when the denoiser asks for it, else nothing (a length-0 fill).
-      sentinel = tf.fill([tf.cast(s_sentinel[d], tf.int32)], vocab_size - 1)
-      return split_prefix(tokens, prefix, sentinel)
+    cap = vocabulary.extra_ids if cfg.sentinel_overflow == 'cap' else np.iinfo(np.int32).max
+    table = cfg.denoisers
+    raw_lengths = tf.constant([p.raw_length for p in plans], tf.int32)
+    min_length = min(p.raw_length for p in plans)
+    logits = tf.math.log(tf.constant([cfg.normalized_rates()], tf.float32))
+    is_s = tf.constant([d.family == 'S' for d in table])
+    mean_span = tf.constant([d.mean_span_length for d in table], tf.float32)
+    rate = tf.constant([d.corruption_rate for d in table], tf.float32)
+    s_uniform = tf.constant([d.s_split == 'uniform' for d in table])
+    s_sentinel = tf.constant([d.s_sentinel for d in table])
+    prompts = tf.ragged.constant([mode_token_ids(d.mode, cfg, vocabulary) for d in table],
+                                 dtype=tf.int32, ragged_rank=1, row_splits_dtype=tf.int32)
 
     @seqio.map_over_dataset(num_seeds=1)
-    def denoise(ex, seed):
-      tokens, d = ex['targets'], ex['denoiser']
-      inputs, targets = tf.cond(is_s[d], lambda: prefix_lm(tokens, d, seed),
-                                lambda: span_corruption(tokens, d, seed))
-      inputs = tf.concat([prompts[d], inputs], 0)
-      return {'inputs': inputs, 'targets': targets, 'denoiser': d}
+    def denoise_block(block, seed):
+      tokens = block['targets']  # [block_length]
+      n = tf.size(tokens)
+      draw_seed, noise_seed, prefix_seed = tf.unstack(
+          tf.random.experimental.stateless_split(seed, 3))
+      # Chunks: draw a denoiser per chunk (i.i.d. by the rates), cut its raw length. Keep those
+      # that start in the block with >= 2 tokens (a span needs a non-noise neighbour); only a
+      # block's last chunk can be shorter than its denoiser's raw length.
+      ids = tf.random.stateless_categorical(logits, n // min_length + 1, draw_seed,
+                                            dtype=tf.int32)[0]
+      ends = tf.cumsum(tf.gather(raw_lengths, ids))
+      starts = ends - tf.gather(raw_lengths, ids)
+      lengths = tf.minimum(ends, n) - starts
+      keep = tf.logical_and(starts < n, lengths >= 2)
+      ids, lengths = tf.boolean_mask(ids, keep), tf.boolean_mask(lengths, keep)
+      tokens = tokens[:tf.reduce_sum(lengths)]  # [chunk tokens], chunks back to back
 
-    return denoise(dataset)
+      # Noise counts per chunk: the reference formulas for R/X; one suffix "span" for S.
+      length_f = tf.cast(lengths, tf.float32)
+      num_noise = tf.cast(tf.round(length_f * tf.gather(rate, ids)), tf.int32)
+      num_noise = tf.minimum(tf.maximum(num_noise, 1), lengths - 1)
+      num_spans = tf.cast(tf.round(tf.cast(num_noise, tf.float32) / tf.gather(mean_span, ids)),
+                          tf.int32)
+      num_spans = tf.minimum(tf.minimum(tf.maximum(num_spans, 1), cap), lengths - num_noise)
+      uniform_prefix = 1 + tf.cast(tf.floor(tf.random.stateless_uniform(
+          tf.shape(lengths), prefix_seed) * tf.cast(lengths - 1, tf.float32)), tf.int32)
+      uniform_prefix = tf.minimum(uniform_prefix, lengths - 1)
+      chunk_is_s = tf.gather(is_s, ids)
+      s_noise = tf.where(tf.gather(s_uniform, ids), lengths - uniform_prefix, num_noise)
+      num_noise = tf.where(chunk_is_s, s_noise, num_noise)
+      num_spans = tf.where(chunk_is_s, 1, num_spans)
 
+      mask = noise_masks(lengths, num_noise, num_spans, noise_seed)
+      inputs, targets = corrupt(tokens, mask, lengths, chunk_is_s, tf.gather(s_sentinel, ids),
+                                vocab_size)
+      inputs = tf.concat([tf.gather(prompts, ids), inputs], axis=1)
+      return {'inputs': inputs, 'targets': targets, 'denoiser': ids}
+
+    return denoise_block(dataset)

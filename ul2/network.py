@@ -364,6 +364,17 @@ def _dropout(cfg: Config, deterministic: bool) -> nn.Dropout:
   return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,), deterministic=deterministic)
 
 
+def _mlp_sublayer(cfg: Config, deterministic: bool, x: Array) -> Array:
+  """The last sublayer of every layer: pre-norm gated MLP with a residual connection.
+
+  Called from a layer's compact `__call__`, so its modules are that layer's children.
+  """
+  y = RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name='pre_mlp_layer_norm')(x)
+  y = MlpBlock(cfg, deterministic, name='mlp')(y)
+  x = x + _dropout(cfg, deterministic)(y)
+  return _constrain(x, ('batch', 'length', 'embed'))
+
+
 class EncoderLayer(nn.Module):
   config: Config
   deterministic: bool = True
@@ -379,10 +390,7 @@ class EncoderLayer(nn.Module):
         cfg.num_heads, cfg.head_dim, cfg.activation_dtype, cfg.dropout_rate,
         cfg.float32_attention_logits, self.deterministic, name='attention')(y, y, mask, bias)
     x = x + _dropout(cfg, self.deterministic)(y)
-    y = norm(name='pre_mlp_layer_norm')(x)
-    y = MlpBlock(cfg, self.deterministic, name='mlp')(y)
-    x = x + _dropout(cfg, self.deterministic)(y)
-    x = _constrain(x, ('batch', 'length', 'embed'))
+    x = _mlp_sublayer(cfg, self.deterministic, x)
     return (x, None) if self.scanned else x
 
 
@@ -407,10 +415,7 @@ class DecoderLayer(nn.Module):
     y = norm(name='pre_cross_attention_layer_norm')(x)
     y = attention(name='encoder_decoder_attention')(y, encoded, cross_mask)
     x = x + _dropout(cfg, self.deterministic)(y)
-    y = norm(name='pre_mlp_layer_norm')(x)
-    y = MlpBlock(cfg, self.deterministic, name='mlp')(y)
-    x = x + _dropout(cfg, self.deterministic)(y)
-    x = _constrain(x, ('batch', 'length', 'embed'))
+    x = _mlp_sublayer(cfg, self.deterministic, x)
     return (x, None) if self.scanned else x
 
 
