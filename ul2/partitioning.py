@@ -93,3 +93,37 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: AxisRules) -> Any:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches: per-host numpy -> global arrays sharded over `data`
+# ----------------------------------------------------------------------------------------------
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Batch rows split over the `data` axis, replicated over `model`."""
+  return NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, microbatches: int = 1) -> None:
+  """Raises with the fix when the global batch cannot be split evenly."""
+  shards = mesh.shape['data']
+  if batch_size % shards:
+    raise ValueError(f'Batch size {batch_size} must be divisible by the {shards} data shards; '
+                     f'set BATCH_SIZE to a multiple of {shards}.')
+  if batch_size % jax.process_count():
+    raise ValueError(f'Batch size {batch_size} must be divisible by the '
+                     f'{jax.process_count()} processes, each of which reads its own part.')
+  if microbatches < 1 or batch_size % (microbatches * shards):
+    raise ValueError(f'Batch size {batch_size} must split into {microbatches} microbatches of '
+                     f'a multiple of the {shards} data shards; choose microbatches so that '
+                     f'{batch_size} / microbatches is a multiple of {shards}.')
+
+
+def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows of the batch -> one global `jax.Array` per feature.
+
+  Every process passes its own `batch_size / process_count` rows, in process order.
+  """
+  sharding = data_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in host_batch.items()}
