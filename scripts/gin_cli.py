@@ -8,7 +8,6 @@ The library (`ul2/`) never imports gin. Gin files use `dynamic_registration`, so
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Sequence
 
@@ -21,7 +20,13 @@ GIN_DIR = os.path.join(REPO, 'gin_configs')
 def parse(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
   """Parses gin files (paths, or relative to `gin_configs/`) and `NAME=VALUE` bindings."""
   gin.clear_config()
-  gin.add_config_file_search_path(GIN_DIR)
+  # Resolve `include 'runs/pretrain.gin'` in gin_configs/ first. Gin's own order tries the
+  # working directory, then a Python package of that name, and a directory such as runs/ in
+  # the working directory (the quickstart's model dir) would be taken for a package and crash.
+  prefixes = gin.config._LOCATION_PREFIXES  # pylint: disable=protected-access
+  if GIN_DIR in prefixes:
+    prefixes.remove(GIN_DIR)
+  prefixes.insert(0, GIN_DIR)
   resolved = []
   for path in gin_files:
     if not os.path.exists(path) and os.path.exists(os.path.join(GIN_DIR, path)):
@@ -30,15 +35,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
       raise FileNotFoundError(f'gin file {path!r} not found, neither as given nor under '
                               f'{GIN_DIR}; pass e.g. --gin_file=models/tiny.gin')
     resolved.append(path)
-  # gin first looks for an `include` as a package resource and logs an error when it is not
-  # one, before finding it on the search path; those lines would only confuse users.
-  root = logging.getLogger()
-  quiet = lambda record: not record.getMessage().startswith('Path not found:')
-  root.addFilter(quiet)
-  try:
-    gin.parse_config_files_and_bindings(resolved, list(bindings))
-  finally:
-    root.removeFilter(quiet)
+  gin.parse_config_files_and_bindings(resolved, list(bindings))
 
 
 def macro(name: str) -> Any:

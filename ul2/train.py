@@ -150,9 +150,9 @@ def peak_flops(device: jax.Device) -> float | None:
 def make_schedule(cfg: OptimizerConfig, train_steps: int) -> optax.Schedule:
   """The learning rate as a function of the step.
 
-  >>> float(make_schedule(OptimizerConfig(), 100)(0)), float(make_schedule(OptimizerConfig(),
-  ...                                                        100)(40000))
-  (0.01, 0.005)
+  >>> schedule = make_schedule(OptimizerConfig(), 100)  # T5X: 1 / sqrt(max(step, 10000))
+  >>> [round(float(schedule(step)), 6) for step in (0, 10000, 40000)]
+  [0.01, 0.01, 0.005]
   """
   lr, warmup = cfg.learning_rate, cfg.warmup_steps
   if cfg.schedule == 'rsqrt':
@@ -311,7 +311,7 @@ def make_train_step(model: network.Transformer, tx: optax.GradientTransformation
         'z_loss': sums['z_loss'] / jnp.maximum(sums['weight'], 1.0),
         'accuracy': sums['correct'] / jnp.maximum(sums['weight'], 1.0),
         'learning_rate': schedule(state.step),
-        'grad_norm': optax.global_norm(grads),
+        'grad_norm': optax.tree.norm(grads),
         'target_tokens': sums['weight'],
     }
     return TrainState(state.step + 1, params, opt_state), metrics

@@ -1,0 +1,260 @@
+"""The trainer: learning, exact resume, mesh and process independence, microbatches, gin, errors."""
+
+import dataclasses
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+import gin_cli
+import train as train_script
+import train_setup
+from train_setup import TINY, run
+from ul2 import network, partitioning
+from ul2 import train as T
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def losses(result):
+  return np.array([h['loss'] for h in result.history])
+
+
+def assert_params_equal(a, b):
+  flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def fixed_batch(batch_size=8):
+  """One real packed batch from the MoD task, as host numpy arrays."""
+  data = T.DataConfig('ul2_mod_gutenberg', train_setup.LENGTHS, batch_size=batch_size)
+  return next(T.HostBatches(T.make_datasets(data, 'train', 0, repeat=True, shuffle=False)))
+
+
+def repeat(batch):
+  while True:
+    yield batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning
+# ---------------------------------------------------------------------------------------------
+
+def test_a_few_steps_give_finite_metrics_and_write_the_model_dir(tmp_path):
+  result = run(str(tmp_path), steps=4, checkpoint_every=2)
+  assert len(result.history) == 4 and np.isfinite(losses(result)).all()
+  first = result.history[0]
+  # An untrained model is near uniform over the 32,128 ids.
+  assert abs(first['cross_entropy'] - np.log(32128)) < 1.0
+  for key in ('loss', 'accuracy', 'z_loss', 'learning_rate', 'grad_norm', 'tokens_per_s'):
+    assert np.isfinite(first[key]), key
+  assert first['z_loss'] > 0 and first['learning_rate'] == pytest.approx(0.01)
+  assert result.eval_history and result.eval_history[-1]['step'] == 4
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
+  assert glob.glob(str(tmp_path / 'train' / 'events.out.tfevents.*'))
+  assert glob.glob(str(tmp_path / 'validation' / 'events.out.tfevents.*'))
+
+
+def test_fifty_steps_on_a_repeated_batch_drive_the_loss_down(tmp_path):
+  result = run(str(tmp_path), steps=50, batches=repeat(fixed_batch()), eval_split=None)
+  curve = losses(result)
+  assert curve[-1] < 0.5 * curve[0], curve[::10]  # from ~10.4 nats to well under half
+  assert result.history[-1]['accuracy'] > 0.2
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume
+# ---------------------------------------------------------------------------------------------
+
+def test_resume_is_exact(tmp_path):
+  """2N steps straight == N steps, stop, N more: bitwise parameters, identical losses (CPU).
+
+  Dropout on, shuffled seqio input: the restored state, dropout keys and input position must
+  all be the uninterrupted run's.
+  """
+  model = dataclasses.replace(TINY, dropout_rate=0.1)
+  straight = run(str(tmp_path / 'straight'), steps=6, model=model, checkpoint_every=3)
+  first = run(str(tmp_path / 'resumed'), steps=3, model=model, checkpoint_every=3)
+  second = run(str(tmp_path / 'resumed'), steps=6, model=model, checkpoint_every=3)
+  assert second.start_step == 3
+  np.testing.assert_array_equal(np.concatenate([losses(first), losses(second)]),
+                                losses(straight))
+  assert_params_equal(second.state.params, straight.state.params)
+  assert_params_equal(second.state.opt_state, straight.state.opt_state)
+  # Nothing left to do: a third start restores step 6 and returns.
+  again = run(str(tmp_path / 'resumed'), steps=6, model=model)
+  assert again.start_step == 6 and not again.history
+
+
+def test_an_unfinished_checkpoint_is_not_taken_as_valid(tmp_path):
+  run(str(tmp_path), steps=2, checkpoint_every=2, async_checkpointing=False)
+  # A save interrupted before orbax finalised it leaves a temporary directory behind.
+  os.makedirs(tmp_path / 'checkpoints' / '4.orbax-checkpoint-tmp-0' / 'params')
+  resumed = run(str(tmp_path), steps=3, checkpoint_every=10)
+  assert resumed.start_step == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices, meshes, processes, microbatches
+# ---------------------------------------------------------------------------------------------
+
+def test_one_device_and_eight_devices_train_alike(tmp_path):
+  """The same run on 1 device, 8x1, 2x4 and 2x4 with 2-D parameter partitioning.
+
+  Sharded reductions add in a different order, so losses agree to float32 rounding, not
+  bitwise: 1e-5 relative over 4 steps (observed differences ~1e-7).
+  """
+  reference = losses(run(str(tmp_path / 'one'), steps=4, devices=jax.devices()[:1]))
+  for name, mesh in (('8x1', partitioning.MeshConfig(data=8, model=1)),
+                     ('2x4', partitioning.MeshConfig(data=2, model=4)),
+                     ('2x4_2d', partitioning.MeshConfig(data=2, model=4,
+                                                        parameter_partitioning_dims=2))):
+    result = run(str(tmp_path / name), steps=4, mesh=mesh)
+    np.testing.assert_allclose(losses(result), reference, rtol=1e-5, err_msg=name)
+
+
+def test_two_processes_on_localhost_match_one_process(tmp_path):
+  """jax.distributed with gloo CPU collectives, 4 devices per process, each process reading
+  its own input shard; the single process reads both shards (input_shards=2)."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = str(s.getsockname()[1])
+  out = tmp_path / 'result.json'
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([TESTS, os.path.dirname(TESTS)])}
+  env.pop('XLA_FLAGS', None)
+  procs = [subprocess.Popen([sys.executable, os.path.join(TESTS, 'multiprocess_train.py'),
+                             str(i), port, str(tmp_path / 'multi'), str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+           for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), '\n'.join(log[-3000:] for log in logs)
+  multi = json.loads(out.read_text())
+  single = run(str(tmp_path / 'single'), steps=4, input_shards=2)
+  np.testing.assert_allclose(multi['losses'], losses(single), rtol=1e-5)
+  assert multi['param_sum'] == pytest.approx(train_setup.param_checksum(single.state.params),
+                                             rel=1e-5)
+  # Each process saved its own input position next to the shared checkpoint.
+  assert sorted(os.listdir(tmp_path / 'multi' / 'data' / '4')) == [
+      'process_0.data-00000-of-00001', 'process_0.index',
+      'process_1.data-00000-of-00001', 'process_1.index']
+
+
+def test_microbatches_equal_one_full_batch(tmp_path):
+  batch = fixed_batch(32)  # 4 microbatches of 8 rows: one per data shard
+  full = run(str(tmp_path / 'full'), steps=3, batches=repeat(batch), eval_split=None,
+             batch_size=32)
+  micro = run(str(tmp_path / 'micro'), steps=3, batches=repeat(batch), eval_split=None,
+              batch_size=32, microbatches=4)
+  # Sums of per-token losses and gradients are split 4 ways and re-added: float32 rounding.
+  np.testing.assert_allclose(losses(micro), losses(full), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(micro.state.params), jax.tree.leaves(full.state.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_flop_count_matches_a_hand_count():
+  cfg = network.Config(vocab_size=10, emb_dim=2, num_heads=1, head_dim=2, mlp_dim=4,
+                       num_encoder_layers=1, num_decoder_layers=1)
+  # Encoder, per input token: qkvo 4*2*2=16, scores+values 2*3*2=12, MLP 3*2*4=24 -> 52 x 3.
+  # Decoder, per target token: self 16 + 2*2*2=8, cross q,o 8 + scores 2*3*2=12, MLP 24,
+  # logits 2*10=20 -> 88 x 2; cross k,v per input token: 8 x 3.
+  macs = 52 * 3 + 88 * 2 + 8 * 3
+  assert T.model_flops_per_step(cfg, 1, 3, 2) == 6 * macs
+
+
+# ---------------------------------------------------------------------------------------------
+# Gin files and the CLI
+# ---------------------------------------------------------------------------------------------
+
+RUN_FILES = sorted(glob.glob(os.path.join(gin_cli.GIN_DIR, 'experiments', '*.gin'))) + [
+    os.path.join(gin_cli.GIN_DIR, 'quickstart.gin')]
+
+
+def bound_configs():
+  return {name: gin.get_configurable(cls)() for name, cls in (
+      ('data', T.DataConfig), ('run', T.TrainConfig), ('optimizer', T.OptimizerConfig),
+      ('mesh', partitioning.MeshConfig))}
+
+
+@pytest.mark.parametrize('path', RUN_FILES, ids=os.path.basename)
+def test_every_experiment_gin_file_parses_and_binds(path):
+  gin_cli.parse([path])
+  model = gin_cli.macro('MODEL_CONFIG')
+  assert isinstance(model, network.Config)
+  configs = bound_configs()
+  assert configs['data'].task in __import__('seqio').TaskRegistry.names()
+  assert configs['run'].steps > 0 and configs['data'].batch_size > 0
+  if configs['mesh'].model > 1:
+    assert model.num_heads % configs['mesh'].model == 0
+
+
+def test_run_file_lists_its_required_macros():
+  with pytest.raises(ValueError, match='MIXTURE_OR_TASK_NAME'):
+    gin_cli.parse(['models/tiny.gin', 'runs/pretrain.gin'])
+    gin.get_configurable(T.DataConfig)()
+
+
+def test_train_cli_writes_config_checkpoints_and_logs(tmp_path):
+  model_dir = tmp_path / 'cli'
+  train_script.main([
+      '--gin_file=models/tiny.gin', '--gin_file=runs/pretrain.gin',
+      "--gin.MIXTURE_OR_TASK_NAME='ul2_mod_gutenberg'",
+      "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}",
+      '--gin.TRAIN_STEPS=3', '--gin.BATCH_SIZE=8', f"--gin.MODEL_DIR='{model_dir}'",
+      '--gin.EVAL_EVERY=3', '--gin.train.TrainConfig.eval_batches=1'])
+  config = (model_dir / 'config.gin').read_text()
+  assert "MIXTURE_OR_TASK_NAME = 'ul2_mod_gutenberg'" in config
+  operative = (model_dir / 'operative_config.gin').read_text()
+  assert 'train.TrainConfig' in operative and 'network.Config' in operative
+  assert os.listdir(model_dir / 'checkpoints') == ['3']
+  assert glob.glob(str(model_dir / 'train' / 'events.out.tfevents.*'))
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration errors
+# ---------------------------------------------------------------------------------------------
+
+def test_batch_size_not_divisible_by_data_shards(tmp_path):
+  with pytest.raises(ValueError, match='Batch size 30 must be divisible by the 8 data shards; '
+                                       'set BATCH_SIZE to a multiple of 8'):
+    run(str(tmp_path), steps=1, batch_size=30)
+
+
+def test_mesh_that_does_not_match_the_devices(tmp_path):
+  with pytest.raises(ValueError, match='needs 12 devices but 8 are available'):
+    run(str(tmp_path), steps=1, mesh=partitioning.MeshConfig(data=3, model=4))
+
+
+def test_unknown_task(tmp_path):
+  with pytest.raises(ValueError, match="Unknown task or mixture 'no_such_task'.*"
+                                       "ul2_mod_gutenberg"):
+    T.train(model=TINY, data=T.DataConfig('no_such_task', train_setup.LENGTHS, batch_size=8),
+            run=T.TrainConfig(str(tmp_path), steps=1, progress_bar=False), log=lambda _: None)
+
+
+def test_feature_lengths_too_short_for_a_denoiser(tmp_path):
+  with pytest.raises(ValueError, match='too short for denoiser'):
+    T.train(model=TINY, data=T.DataConfig('ul2_mod_gutenberg', {'inputs': 6, 'targets': 6},
+                                          batch_size=8),
+            run=T.TrainConfig(str(tmp_path), steps=1, progress_bar=False), log=lambda _: None)
+
+
+def test_microbatches_that_do_not_split_the_batch(tmp_path):
+  with pytest.raises(ValueError, match='must split into 3 microbatches'):
+    run(str(tmp_path), steps=1, microbatches=3)
+
+
+@pytest.mark.parametrize('module', [T], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+  import doctest
+  result = doctest.testmod(module)
+  assert result.attempted > 0 and result.failed == 0

@@ -1,0 +1,33 @@
+"""The tiny training run the trainer tests share (also imported by multiprocess_train.py)."""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+import tasks  # noqa: F401  (registers ul2_mod_gutenberg)
+from ul2 import network, partitioning
+from ul2 import train as T
+
+TINY = network.Config(vocab_size=32128, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
+                      num_encoder_layers=2, num_decoder_layers=2)
+LENGTHS = {'inputs': 64, 'targets': 64}
+OPTIMIZER = T.OptimizerConfig(schedule='constant', learning_rate=0.01, warmup_steps=0)
+
+
+def run(model_dir, steps, *, model=TINY, batch_size=8, mesh=partitioning.MeshConfig(),
+        devices=None, microbatches=1, input_shards=None, checkpoint_every=1000, batches=None,
+        eval_split='validation', async_checkpointing=True, seed=0):
+  return T.train(
+      model=model,
+      data=T.DataConfig('ul2_mod_gutenberg', LENGTHS, batch_size=batch_size,
+                        input_shards=input_shards, eval_split=eval_split),
+      run=T.TrainConfig(model_dir, steps=steps, microbatches=microbatches, eval_every=1000,
+                        eval_batches=2, checkpoint_every=checkpoint_every, log_every=2,
+                        progress_bar=False, async_checkpointing=async_checkpointing,
+                        seed=seed),
+      optimizer=OPTIMIZER, mesh=mesh, devices=devices, batches=batches, log=lambda _: None)
+
+
+def param_checksum(params) -> float:
+  return float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(params)))
