@@ -1,5 +1,6 @@
 # Sourced by quickstart.sh and test.sh: create (or reuse) the repo's virtual environment and
-# install the package into it. Usage: source scripts/env.sh [EXTRA]   (EXTRA e.g. "test")
+# install the package into it. Usage: INSTALL_EXTRA=test; source scripts/env.sh
+# (INSTALL_EXTRA: the optional dependencies to add, e.g. "test" or "test,bench"; empty: none)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${UL2_VENV:-$REPO/.venv}"
@@ -14,10 +15,16 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
-EXTRA="${1:-}"
+EXTRA="${INSTALL_EXTRA:-}"
 SPEC="$REPO"
 [ -n "$EXTRA" ] && SPEC="$REPO[$EXTRA]"
 echo "== installing $SPEC (pinned versions from pyproject.toml)"
-python -m pip install --quiet --disable-pip-version-check --upgrade pip
-python -m pip install --quiet --disable-pip-version-check -e "$SPEC"
+# pip's and setuptools' notices are kept in a log and shown only when the install fails.
+LOG="$VENV/install.log"
+if ! { python -m pip install --quiet --disable-pip-version-check --upgrade pip \
+       && python -m pip install --quiet --disable-pip-version-check -e "$SPEC"; } >"$LOG" 2>&1; then
+  cat "$LOG" >&2
+  echo "== installing $SPEC failed (log: $LOG)" >&2
+  exit 1
+fi
 cd "$REPO"

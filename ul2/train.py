@@ -398,6 +398,8 @@ def make_datasets(data: DataConfig, split: str, seed: int, repeat: bool,
     ds = task.get_dataset(dict(data.feature_lengths), split=split, shuffle=shuffle, seed=seed,
                           shard_info=seqio.ShardInfo(index=shard, num_shards=total),
                           num_epochs=None if repeat else 1, use_cached=data.use_cached)
+    # Only the model's features: the converter would drop (and warn about) e.g. `denoiser`.
+    ds = ds.map(lambda ex: {k: ex[k] for k in ('inputs', 'targets')})
     ds = converter(ds, dict(data.feature_lengths))
     out.append(ds.batch(rows, drop_remainder=True).prefetch(2))
   return out
@@ -526,6 +528,51 @@ def abstract_state(model: network.Transformer, tx: optax.GradientTransformation,
                       shapes, shardings)
 
 
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The jitted, sharded functions of a run on its mesh."""
+
+  mesh: Mesh
+  model: network.Transformer
+  optimizer: optax.GradientTransformation
+  shardings: TrainState
+  per_layer_param_shardings: Any  # the checkpoint layout (T5X per-layer names)
+  init: Callable[[jax.Array], TrainState]
+  train_step: Callable[[TrainState, Batch], tuple[TrainState, dict]]  # donates the state
+  eval_step: Callable[[Any, Batch], dict]
+
+
+def build_steps(model: network.Config, optimizer: OptimizerConfig, run: TrainConfig,
+                mesh: partitioning.MeshConfig,
+                devices: Sequence[jax.Device] | None = None) -> Steps:
+  """Mesh, sharded init, and jitted train and eval steps under the logical-axis rules."""
+  device_mesh = partitioning.make_mesh(mesh, devices)
+  rules = partitioning.logical_axis_rules(mesh.parameter_partitioning_dims)
+  net = network.Transformer(model)
+  tx, schedule = make_optimizer(optimizer, run.steps)
+  shardings = state_shardings(net, tx, device_mesh, rules)
+  per_layer_net = network.Transformer(dataclasses.replace(model, scan_layers=False))
+  per_layer = state_shardings(per_layer_net, tx, device_mesh, rules).params
+  batch_sharding = partitioning.data_sharding(device_mesh)
+
+  def in_mesh(fn):
+    @functools.wraps(fn)
+    def wrapped(*args):
+      with jax.set_mesh(device_mesh), nn.logical_axis_rules(rules):
+        return fn(*args)
+    return wrapped
+
+  return Steps(
+      mesh=device_mesh, model=net, optimizer=tx, shardings=shardings,
+      per_layer_param_shardings=per_layer,
+      init=in_mesh(jax.jit(_init_fn(net, tx), out_shardings=shardings)),
+      train_step=in_mesh(jax.jit(make_train_step(net, tx, schedule, run),
+                                 in_shardings=(shardings, batch_sharding),
+                                 out_shardings=(shardings, None), donate_argnums=(0,))),
+      eval_step=in_mesh(jax.jit(make_eval_step(net, run.z_loss),
+                                in_shardings=(shardings.params, batch_sharding))))
+
+
 def train(*, model: network.Config, data: DataConfig, run: TrainConfig,
           optimizer: OptimizerConfig = OptimizerConfig(),
           mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
@@ -538,31 +585,13 @@ def train(*, model: network.Config, data: DataConfig, run: TrainConfig,
   keys), for synthetic benchmarks; such a run cannot checkpoint its input position.
   """
   # --- Mesh, model, optimiser ------------------------------------------------------------
-  device_mesh = partitioning.make_mesh(mesh, devices)
+  steps = build_steps(model, optimizer, run, mesh, devices)
+  device_mesh, shardings = steps.mesh, steps.shardings
   partitioning.check_batch_size(data.batch_size, device_mesh, run.microbatches)
-  rules = partitioning.logical_axis_rules(mesh.parameter_partitioning_dims)
-  net = network.Transformer(model)
-  tx, schedule = make_optimizer(optimizer, run.steps)
-  shardings = state_shardings(net, tx, device_mesh, rules)
-  per_layer_net = network.Transformer(dataclasses.replace(model, scan_layers=False))
-  per_layer_shardings = state_shardings(per_layer_net, tx, device_mesh, rules).params
-  batch_sharding = partitioning.data_sharding(device_mesh)
+  init, step_fn, eval_fn = steps.init, steps.train_step, steps.eval_step
+  net, tx = steps.model, steps.optimizer
   os.makedirs(run.model_dir, exist_ok=True)
   is_chief = jax.process_index() == 0
-
-  def in_mesh(fn):
-    @functools.wraps(fn)
-    def wrapped(*args):
-      with jax.set_mesh(device_mesh), nn.logical_axis_rules(rules):
-        return fn(*args)
-    return wrapped
-
-  init = in_mesh(jax.jit(_init_fn(net, tx), out_shardings=shardings))
-  step_fn = in_mesh(jax.jit(make_train_step(net, tx, schedule, run),
-                            in_shardings=(shardings, batch_sharding),
-                            out_shardings=(shardings, None), donate_argnums=(0,)))
-  eval_fn = in_mesh(jax.jit(make_eval_step(net, run.z_loss),
-                            in_shardings=(shardings.params, batch_sharding)))
 
   # --- Data --------------------------------------------------------------------------------
   host_batches = None
@@ -576,7 +605,7 @@ def train(*, model: network.Config, data: DataConfig, run: TrainConfig,
   latest = checkpoints.latest_step()
   if latest is not None:
     state = checkpoints.restore(latest, abstract_state(net, tx, shardings),
-                                per_layer_shardings, host_batches)
+                                steps.per_layer_param_shardings, host_batches)
     log(f'Resumed from {checkpoints.directory}/{latest} (step {int(state.step)}).')
   else:
     state = init(jax.random.key(run.seed))

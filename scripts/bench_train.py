@@ -1,0 +1,201 @@
+"""Training-step throughput and MFU of ul2's jitted train_step, next to HF transformers' PyTorch
+T5ForConditionalGeneration doing the same training step in the same run.
+
+    python scripts/bench_train.py                              # ul2_cpu model, CPU, f32 + bf16
+    python scripts/bench_train.py --model=base --batch_size=32 --inputs_length=512 \\
+        --targets_length=512 --dtypes=bfloat16 --synthetic --no_torch   # on a GPU: MFU
+
+Both sides run the same architecture (gated GELU or SiLU, untied logits, relative position
+buckets), the same Adafactor (factored, decay 0.8, clipping 1.0, parameter scaling; HF's
+`transformers.optimization.Adafactor` implements the same algorithm) on the same token batches,
+dropout off. bfloat16 means bfloat16 activations with float32 parameters on both sides (JAX:
+`network.Config.dtype`; PyTorch: `torch.autocast`). The PyTorch side needs the `bench` extra
+(`pip install -e '.[bench]'`).
+
+`--synthetic` feeds random tokens and imports neither TensorFlow nor seqio, so it runs on an
+accelerator image that has only JAX; without it the batches are real packed MoD batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+import gin_cli
+from ul2 import network
+from ul2 import partitioning
+from ul2 import train as train_lib
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--model', default='ul2_cpu', help='a gin_configs/models/*.gin name or path')
+  p.add_argument('--batch_size', type=int, default=8)
+  p.add_argument('--inputs_length', type=int, default=128)
+  p.add_argument('--targets_length', type=int, default=128)
+  p.add_argument('--dtypes', default='float32,bfloat16')
+  p.add_argument('--steps', type=int, default=10, help='timed steps per measurement')
+  p.add_argument('--warmup', type=int, default=3, help='untimed steps (compilation) first')
+  p.add_argument('--synthetic', action='store_true', help='random tokens; no TF or seqio')
+  p.add_argument('--no_torch', action='store_true', help='skip the PyTorch peer')
+  p.add_argument('--model_parallel', type=int, default=1)
+  p.add_argument('--peak_flops', type=float, default=None,
+                 help='peak FLOP/s per device for MFU (default: known accelerators)')
+  p.add_argument('--json', default=None, help='also write the results to this file')
+  return p.parse_args(argv)
+
+
+def model_config(name: str, dtype: str) -> network.Config:
+  path = name if name.endswith('.gin') else f'models/{name}.gin'
+  gin_cli.parse([path], [f"ACTIVATION_DTYPE='{dtype}'", 'DROPOUT_RATE=0.0'])
+  return gin_cli.macro('MODEL_CONFIG')
+
+
+def make_batches(args, vocab_size: int, count: int) -> list[dict[str, np.ndarray]]:
+  """`count` host batches with the feature converter's keys."""
+  if args.synthetic:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+      inputs = rng.integers(2, min(vocab_size, 32000), (args.batch_size, args.inputs_length))
+      targets = rng.integers(2, min(vocab_size, 32000), (args.batch_size, args.targets_length))
+      out.append({'encoder_input_tokens': inputs.astype(np.int32),
+                  'decoder_target_tokens': targets.astype(np.int32),
+                  'decoder_input_tokens': np.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+                                          .astype(np.int32),
+                  'decoder_loss_weights': np.ones_like(targets, np.float32)})
+    return out
+  import tasks  # noqa: F401  (TensorFlow and seqio: only without --synthetic)
+  data = train_lib.DataConfig('ul2_mod_gutenberg', {'inputs': args.inputs_length,
+                                                    'targets': args.targets_length},
+                              batch_size=args.batch_size, pack=False)
+  batches = train_lib.HostBatches(train_lib.make_datasets(data, 'train', 0, repeat=True,
+                                                          shuffle=False))
+  return [next(batches) for _ in range(count)]
+
+
+def bench_jax(cfg: network.Config, args, batches) -> dict:
+  run = train_lib.TrainConfig(tempfile.mkdtemp(), steps=10_000, progress_bar=False)
+  optimizer = train_lib.OptimizerConfig(schedule='constant', learning_rate=0.01,
+                                        warmup_steps=0)
+  steps = train_lib.build_steps(cfg, optimizer, run,
+                                partitioning.MeshConfig(model=args.model_parallel))
+  partitioning.check_batch_size(args.batch_size, steps.mesh)
+  state = steps.init(jax.random.key(0))
+  device_batches = [partitioning.global_batch(b, steps.mesh) for b in batches]
+  for i in range(args.warmup):
+    state, metrics = steps.train_step(state, device_batches[i % len(device_batches)])
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for i in range(args.steps):
+    state, metrics = steps.train_step(state, device_batches[i % len(device_batches)])
+  jax.block_until_ready(metrics)
+  seconds = (time.perf_counter() - start) / args.steps
+  flops = train_lib.model_flops_per_step(cfg, args.batch_size, args.inputs_length,
+                                         args.targets_length)
+  peak = args.peak_flops or train_lib.peak_flops(jax.devices()[0])
+  return {'seconds_per_step': seconds,
+          'tokens_per_s': args.batch_size * (args.inputs_length + args.targets_length) / seconds,
+          'model_tflops_per_s': flops / seconds / 1e12,
+          'mfu': flops / seconds / (peak * steps.mesh.devices.size) if peak else None,
+          'final_loss': float(metrics['loss'])}
+
+
+def bench_torch(cfg: network.Config, args, batches, dtype: str) -> dict:
+  import torch
+  import transformers
+  from transformers.optimization import Adafactor
+
+  torch.manual_seed(0)
+  torch.set_num_threads(os.cpu_count())
+  act = {'gelu': 'gated-gelu', 'silu': 'gated-silu', 'swish': 'gated-silu'}[
+      cfg.mlp_activations[0]]
+  config = transformers.T5Config(
+      vocab_size=cfg.vocab_size, d_model=cfg.emb_dim, d_kv=cfg.head_dim, d_ff=cfg.mlp_dim,
+      num_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
+      num_heads=cfg.num_heads, feed_forward_proj=act, dropout_rate=0.0,
+      relative_attention_num_buckets=cfg.relative_attention_num_buckets,
+      relative_attention_max_distance=cfg.relative_attention_max_distance,
+      tie_word_embeddings=cfg.logits_via_embedding, decoder_start_token_id=0,
+      pad_token_id=0, eos_token_id=1)
+  model = transformers.T5ForConditionalGeneration(config).train()
+  opt = Adafactor(model.parameters(), lr=0.01, relative_step=False, scale_parameter=True,
+                  warmup_init=False, clip_threshold=1.0, decay_rate=-0.8)
+  device_type = 'cpu'
+  tensors = []
+  for b in batches:
+    labels = torch.from_numpy(b['decoder_target_tokens'].astype(np.int64))
+    labels[labels == 0] = -100
+    tensors.append(dict(
+        input_ids=torch.from_numpy(b['encoder_input_tokens'].astype(np.int64)),
+        attention_mask=torch.from_numpy((b['encoder_input_tokens'] > 0).astype(np.int64)),
+        decoder_input_ids=torch.from_numpy(b['decoder_input_tokens'].astype(np.int64)),
+        labels=labels))
+
+  def step(i):
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
+      loss = model(**tensors[i % len(tensors)]).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss)
+
+  for i in range(args.warmup):
+    step(i)
+  start = time.perf_counter()
+  for i in range(args.steps):
+    loss = step(i)
+  seconds = (time.perf_counter() - start) / args.steps
+  return {'seconds_per_step': seconds,
+          'tokens_per_s': args.batch_size * (args.inputs_length + args.targets_length) / seconds,
+          'final_loss': loss, 'torch': torch.__version__,
+          'transformers': transformers.__version__}
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  results = {'model': args.model, 'batch_size': args.batch_size,
+             'lengths': [args.inputs_length, args.targets_length],
+             'device': str(jax.devices()[0].device_kind), 'devices': jax.device_count(),
+             'synthetic': args.synthetic, 'runs': {}}
+  print(f'{args.model}: batch {args.batch_size}, {args.inputs_length}/{args.targets_length} '
+        f'tokens, {jax.device_count()} x {jax.devices()[0].device_kind}')
+  batches = None
+  for dtype in args.dtypes.split(','):
+    cfg = model_config(args.model, dtype)
+    if batches is None:
+      batches = make_batches(args, cfg.vocab_size, 4)
+    entry = {'jax': bench_jax(cfg, args, batches)}
+    line = (f'{dtype:>9}  ul2/JAX {entry["jax"]["tokens_per_s"]:>10,.0f} tokens/s '
+            f'({entry["jax"]["seconds_per_step"]:.3f} s/step')
+    line += f', MFU {entry["jax"]["mfu"]:.1%})' if entry['jax']['mfu'] else ')'
+    if not args.no_torch:
+      try:
+        entry['torch'] = bench_torch(cfg, args, batches, dtype)
+      except ImportError as e:
+        print(f'PyTorch peer skipped ({e}); install the bench extra: pip install -e ".[bench]"')
+        args.no_torch = True
+      else:
+        entry['jax_over_torch'] = entry['jax']['tokens_per_s'] / entry['torch']['tokens_per_s']
+        line += (f'   HF PyTorch {entry["torch"]["tokens_per_s"]:>10,.0f} tokens/s   '
+                 f'ratio {entry["jax_over_torch"]:.2f}x (target >= 1.0x)')
+    results['runs'][dtype] = entry
+    print(line, flush=True)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(results, f, indent=1)
+  if args.synthetic:
+    assert 'tensorflow' not in sys.modules and 'seqio' not in sys.modules
+  return results
+
+
+if __name__ == '__main__':
+  main()
