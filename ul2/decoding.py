@@ -1,0 +1,239 @@
+"""Decoding and scoring on the key/value cache: greedy, beam search, sampling, rank scoring.
+
+Every decoder encodes the inputs once, then runs the decoder one token per step against the
+cache (`network.init_decoding_cache`), starting from the start token 0, inside one jitted
+`lax.while_loop` that stops when every row has produced EOS (1) or `max_decode_length` tokens.
+Outputs are [batch, max_decode_length] token ids without the start token: the EOS, then
+padding (0).
+
+    >>> cfg = network.Config(vocab_size=64, emb_dim=8, num_heads=2, head_dim=4, mlp_dim=16,
+    ...                      num_encoder_layers=1, num_decoder_layers=1)
+    >>> model = network.Transformer(cfg)
+    >>> inputs = jnp.array([[5, 6, 7, 1]])
+    >>> params = model.init(jax.random.key(0), inputs, inputs, inputs)['params']
+    >>> greedy(model, params, inputs, max_decode_length=6).shape
+    (1, 6)
+
+Rank classification scores every candidate answer by its log-likelihood under teacher forcing
+(`score`) and picks the most likely: the usual zero-/few-shot evaluation of classification.
+All functions are pure and jit-compatible; run them under a mesh (`jax.set_mesh`) with
+sharded parameters and batches to decode in parallel.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ul2 import network
+
+EOS_ID = network.EOS_ID
+PAD_ID = network.PAD_ID
+NEG_INF = -1e9
+
+
+def _step_fn(model: network.Transformer, params: Any, encoded: jax.Array,
+             encoder_input_tokens: jax.Array, max_decode_length: int):
+  """One cached decoder step: (cache, tokens [rows]) -> (log-probs [rows, vocab], cache)."""
+  def step(cache, tokens):
+    logits, mutated = model.apply(
+        {'params': params, 'cache': cache}, encoded, encoder_input_tokens, tokens[:, None],
+        decode=True, max_decode_length=max_decode_length, method='decode', mutable=['cache'])
+    return jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)), mutated['cache']
+  return step
+
+
+def _encode(model, params, encoder_input_tokens, repeat: int = 1):
+  encoded = model.apply({'params': params}, encoder_input_tokens, method='encode')
+  if repeat > 1:  # [batch, ...] -> [batch * repeat, ...], each row repeated in place
+    encoded = jnp.repeat(encoded, repeat, axis=0)
+    encoder_input_tokens = jnp.repeat(encoder_input_tokens, repeat, axis=0)
+  return encoded, encoder_input_tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# Greedy and sampling
+# ----------------------------------------------------------------------------------------------
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Keeps the `top_k` most likely tokens and the smallest set whose probability reaches
+  `top_p` (nucleus); the rest get -inf. 0 / 1.0 switch a filter off.
+
+  >>> filter_logits(jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]])), top_p=0.7).tolist()[0][2:]
+  [-1000000000.0, -1000000000.0]
+  """
+  if top_k:
+    kth = jnp.sort(logits, axis=-1)[..., -top_k][..., None]
+    logits = jnp.where(logits < kth, NEG_INF, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # The smallest prefix reaching top_p: a token stays if the mass before it is < top_p.
+    keep_sorted = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
+    threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, NEG_INF, logits)
+  return logits
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'max_decode_length', 'temperature',
+                                             'top_k', 'top_p'))
+def _decode_loop(model, params, encoder_input_tokens, rng, max_decode_length: int,
+                 temperature: float, top_k: int, top_p: float):
+  batch = encoder_input_tokens.shape[0]
+  encoded, enc_tokens = _encode(model, params, encoder_input_tokens)
+  cache = network.init_decoding_cache(model, batch, enc_tokens.shape[1], max_decode_length)
+  step = _step_fn(model, params, encoded, enc_tokens, max_decode_length)
+
+  def cond(carry):
+    t, _, _, done, _ = carry
+    return jnp.logical_and(t < max_decode_length, jnp.logical_not(jnp.all(done)))
+
+  def body(carry):
+    t, cache, tokens, done, rng = carry
+    previous = jnp.where(t == 0, PAD_ID, tokens[:, jnp.maximum(t - 1, 0)])
+    log_probs, cache = step(cache, previous)
+    if temperature == 0.0:
+      chosen = jnp.argmax(log_probs, axis=-1)
+    else:
+      rng, key = jax.random.split(rng)
+      logits = filter_logits(log_probs / temperature, top_k, top_p)
+      chosen = jax.random.categorical(key, logits, axis=-1)
+    chosen = jnp.where(done, PAD_ID, chosen).astype(jnp.int32)
+    tokens = tokens.at[:, t].set(chosen)
+    return t + 1, cache, tokens, jnp.logical_or(done, chosen == EOS_ID), rng
+
+  tokens = jnp.zeros((batch, max_decode_length), jnp.int32)
+  init = (jnp.int32(0), cache, tokens, jnp.zeros((batch,), bool), rng)
+  return jax.lax.while_loop(cond, body, init)[2]
+
+
+def greedy(model: network.Transformer, params: Any, encoder_input_tokens: jax.Array,
+           max_decode_length: int) -> jax.Array:
+  """Most likely token at every step: [batch, inputs] -> [batch, max_decode_length]."""
+  return _decode_loop(model, params, encoder_input_tokens, jax.random.key(0),
+                      max_decode_length, 0.0, 0, 1.0)
+
+
+def sample(model: network.Transformer, params: Any, encoder_input_tokens: jax.Array,
+           rng: jax.Array, max_decode_length: int, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Ancestral sampling with temperature, top-k and top-p (nucleus) filtering."""
+  if temperature <= 0:
+    raise ValueError(f'temperature must be > 0 for sampling (use greedy for 0), got '
+                     f'{temperature}.')
+  return _decode_loop(model, params, encoder_input_tokens, rng, max_decode_length,
+                      float(temperature), int(top_k), float(top_p))
+
+
+# ----------------------------------------------------------------------------------------------
+# Beam search
+# ----------------------------------------------------------------------------------------------
+
+def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
+  """GNMT's ((5 + length) / 6) ** alpha, as T5X's beam search uses it; 0 turns it off."""
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+def _gather_beams(tree: Any, indices: jax.Array, batch: int, beams: int, axis: int) -> Any:
+  """Reorders the beam rows ([batch * beams] on `axis`) of every array by `indices`."""
+  def gather(x):
+    if x.ndim <= axis or x.shape[axis] != batch * beams:
+      return x  # e.g. the cache index, shared by all rows
+    shape = x.shape
+    x = x.reshape(shape[:axis] + (batch, beams) + shape[axis + 1:])
+    idx = indices.reshape((1,) * axis + (batch, beams) + (1,) * (x.ndim - axis - 2))
+    return jnp.take_along_axis(x, idx, axis=axis + 1).reshape(shape)
+  return jax.tree.map(gather, tree)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'beam_size', 'max_decode_length',
+                                             'alpha'))
+def beam_search(model: network.Transformer, params: Any, encoder_input_tokens: jax.Array,
+                beam_size: int, max_decode_length: int, alpha: float = 0.6
+                ) -> tuple[jax.Array, jax.Array]:
+  """Beam search with a length penalty: -> (sequences [batch, beam, length], scores [batch,
+  beam]), best first. Scores are log-likelihoods divided by `length_penalty(len, alpha)`.
+
+  A finished beam (it produced EOS) can only be continued by padding at no cost, so finished
+  and alive hypotheses compete in one top-k; the penalty is applied to finished ones.
+  """
+  batch = encoder_input_tokens.shape[0]
+  rows = batch * beam_size
+  encoded, enc_tokens = _encode(model, params, encoder_input_tokens, beam_size)
+  cache = network.init_decoding_cache(model, rows, enc_tokens.shape[1], max_decode_length)
+  step = _step_fn(model, params, encoded, enc_tokens, max_decode_length)
+  cache_axis = 1 if model.config.scan_layers else 0
+  vocab = model.config.vocab_size
+
+  def ranking(log_prob, length, done):
+    # Finished hypotheses are compared with their length penalty applied.
+    return jnp.where(done, log_prob / length_penalty(length, alpha), log_prob)
+
+  def cond(carry):
+    t, _, _, _, done, _ = carry
+    return jnp.logical_and(t < max_decode_length, jnp.logical_not(jnp.all(done)))
+
+  def body(carry):
+    t, cache, tokens, log_prob, done, length = carry
+    previous = jnp.where(t == 0, PAD_ID, tokens[..., jnp.maximum(t - 1, 0)]).reshape(rows)
+    step_log_probs, cache = step(cache, previous)
+    step_log_probs = step_log_probs.reshape(batch, beam_size, vocab)
+    # A finished beam continues with padding only, at no cost.
+    pad_only = jnp.full((vocab,), NEG_INF).at[PAD_ID].set(0.0)
+    step_log_probs = jnp.where(done[..., None], pad_only, step_log_probs)
+    candidates = log_prob[..., None] + step_log_probs  # [batch, beam, vocab]
+    new_done = jnp.logical_or(done[..., None], jnp.arange(vocab) == EOS_ID)
+    new_length = jnp.where(done, length, length + 1)[..., None] * jnp.ones((vocab,), jnp.int32)
+    rank = ranking(candidates, new_length, new_done)
+    if_first = jnp.where(jnp.arange(beam_size) == 0, 0.0, NEG_INF)[:, None]  # t = 0: 1 beam
+    rank = jnp.where(t == 0, rank + if_first, rank)
+    _, flat = jax.lax.top_k(rank.reshape(batch, beam_size * vocab), beam_size)
+    beam_index, token = flat // vocab, (flat % vocab).astype(jnp.int32)
+
+    def pick(x):
+      return jnp.take_along_axis(x.reshape(batch, beam_size * vocab), flat, axis=1)
+
+    tokens = jnp.take_along_axis(tokens, beam_index[..., None], axis=1)
+    tokens = tokens.at[..., t].set(token)
+    cache = _gather_beams(cache, beam_index, batch, beam_size, cache_axis)
+    return (t + 1, cache, tokens, pick(candidates), pick(new_done),
+            pick(new_length).astype(jnp.int32))
+
+  init = (jnp.int32(0), cache, jnp.zeros((batch, beam_size, max_decode_length), jnp.int32),
+          jnp.zeros((batch, beam_size)), jnp.zeros((batch, beam_size), bool),
+          jnp.zeros((batch, beam_size), jnp.int32))
+  _, _, tokens, log_prob, done, length = jax.lax.while_loop(cond, body, init)
+  scores = log_prob / length_penalty(length, alpha)
+  order = jnp.argsort(-scores, axis=-1)
+  return (jnp.take_along_axis(tokens, order[..., None], axis=1),
+          jnp.take_along_axis(scores, order, axis=1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=('model',))
+def score(model: network.Transformer, params: Any, encoder_input_tokens: jax.Array,
+          targets: jax.Array) -> jax.Array:
+  """Natural-log likelihood of each row's `targets` (EOS included, padding excluded)."""
+  decoder_inputs = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+  logits = model.apply({'params': params}, encoder_input_tokens, decoder_inputs, targets)
+  return network.sequence_log_likelihood(logits, targets)
+
+
+def rank_classification(model: network.Transformer, params: Any,
+                        encoder_input_tokens: jax.Array, candidates: jax.Array
+                        ) -> tuple[jax.Array, jax.Array]:
+  """Scores each input's candidate answers: inputs [batch, Li], candidates [batch, C, Lt]
+  (token ids ending in EOS, padded with 0) -> (log-likelihoods [batch, C], best [batch])."""
+  batch, count, length = candidates.shape
+  inputs = jnp.repeat(encoder_input_tokens, count, axis=0)
+  scores = score(model, params, inputs, candidates.reshape(batch * count, length))
+  scores = scores.reshape(batch, count)
+  return scores, jnp.argmax(scores, axis=-1)
