@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import json
 import math
 import os
 import re
@@ -114,6 +115,9 @@ class TrainConfig:
   keep_checkpoints: int = 3
   async_checkpointing: bool = True
   log_every: int = 10
+  # Start a new run from pretrained weights: an HF T5/UL2 directory, a T5X checkpoint or one
+  # of ours (optimizer state starts fresh). Ignored once model_dir has a checkpoint.
+  init_from: str | None = None
   # Peak FLOP/s of one device for MFU; None looks the device kind up in PEAK_FLOPS.
   peak_flops_per_device: float | None = None
   progress_bar: bool = True
@@ -575,6 +579,19 @@ def build_steps(model: network.Config, optimizer: OptimizerConfig, run: TrainCon
                                 in_shardings=(shardings.params, batch_sharding))))
 
 
+def _state_from_pretrained(path: str, model: network.Config, steps: Steps) -> TrainState:
+  """Pretrained parameters, sharded as the run shards them, with a fresh optimizer state."""
+  from ul2 import interop
+
+  params = interop.load_pretrained(path, model)
+  if model.scan_layers:
+    params = network.stack_layers(params, model)
+  params = jax.device_put(params, steps.shardings.params)
+  opt_state = jax.jit(steps.optimizer.init, out_shardings=steps.shardings.opt_state)(params)
+  return TrainState(jax.device_put(jnp.zeros((), jnp.int32), steps.shardings.step), params,
+                    opt_state)
+
+
 def train(*, model: network.Config, data: DataConfig, run: TrainConfig,
           optimizer: OptimizerConfig = OptimizerConfig(),
           mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
@@ -609,10 +626,17 @@ def train(*, model: network.Config, data: DataConfig, run: TrainConfig,
     state = checkpoints.restore(latest, abstract_state(net, tx, shardings),
                                 steps.per_layer_param_shardings, host_batches)
     log(f'Resumed from {checkpoints.directory}/{latest} (step {int(state.step)}).')
+  elif run.init_from:
+    state = _state_from_pretrained(run.init_from, model, steps)
+    log(f'Initialised {network.count_parameters(state.params):,} parameters from '
+        f'{run.init_from}.')
   else:
     state = init(jax.random.key(run.seed))
     log(f'Initialised {network.count_parameters(state.params):,} parameters on a '
         f'{dict(device_mesh.shape)} mesh of {device_mesh.devices.size} devices.')
+  if is_chief:
+    with open(os.path.join(run.model_dir, 'model_config.json'), 'w') as f:
+      json.dump(dataclasses.asdict(model), f, indent=1)
   start = int(state.step)
 
   eval_batches = None

@@ -1,0 +1,46 @@
+"""Export a checkpoint of ours as a Hugging Face `T5ForConditionalGeneration` directory.
+
+    python scripts/export_hf.py --checkpoint runs/quickstart --output /tmp/ul2_hf
+    python -c "import transformers; transformers.T5ForConditionalGeneration.from_pretrained('/tmp/ul2_hf')"
+
+`--checkpoint` is a model_dir (its latest step), its checkpoints/ folder or one step folder.
+The model config comes from the model_dir's model_config.json (written by training), or from
+`--gin_file=models/<size>.gin`. Writes config.json (feed_forward_proj and tie setting),
+model.safetensors, generation_config.json and the SentencePiece tokenizer files.
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import gin_cli  # noqa: E402
+from ul2 import interop  # noqa: E402
+
+
+def model_config(args):
+  if args.gin_file:
+    gin_cli.parse(args.gin_file)
+    return gin_cli.macro('MODEL_CONFIG')
+  return interop.read_model_config(args.checkpoint)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--checkpoint', required=True)
+  parser.add_argument('--output', required=True)
+  parser.add_argument('--gin_file', action='append', default=[],
+                      help='model gin file, when the checkpoint has no model_config.json')
+  args = parser.parse_args(argv)
+  config = model_config(args)
+  step_dir = interop.resolve_checkpoint(args.checkpoint)
+  params = interop.load_t5x(step_dir, config)
+  interop.save_hf(params, config, args.output)
+  print(f'Exported {step_dir} to {args.output} (T5ForConditionalGeneration, '
+        f'{interop.hf_config(config)["feed_forward_proj"]}, tie_word_embeddings='
+        f'{config.logits_via_embedding}).')
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

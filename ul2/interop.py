@@ -1,0 +1,360 @@
+"""Interoperability: Hugging Face transformers T5 directories and T5X checkpoints.
+
+Our parameter tree has T5X's names (`network` docstring), so:
+  * HF export/import is a renaming with transposes (reference §2):
+        token_embedder/embedding                      shared.weight
+        encoder/layers_i/attention/query/kernel       encoder.block.i.layer.0.SelfAttention.q.weight (.T)
+        encoder/relpos_bias/rel_embedding             encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight (.T)
+        encoder/layers_i/mlp/wi_0/kernel              encoder.block.i.layer.1.DenseReluDense.wi_0.weight (.T)
+        decoder/layers_i/encoder_decoder_attention/*  decoder.block.i.layer.1.EncDecAttention.*
+        decoder/layers_i/mlp/*                        decoder.block.i.layer.2.DenseReluDense.*
+        decoder/logits_dense/kernel                   lm_head.weight (.T)   (untied only)
+  * T5X checkpoints hold the same tree under `target` (T5X's older tensorstore layout:
+    `checkpoint_N/checkpoint` msgpack plus one zarr array per parameter in
+    `checkpoint_N/target.<dotted.path>/`; or orbax), so they load directly, and ours can be
+    written in that layout for T5X to restore.
+
+Pitfall (transformers 5.x): `T5Config` ties `lm_head` to `shared` on construction even when told
+not to, so building a model and calling `load_state_dict` silently gives wrong logits. We write
+`model.safetensors` with distinct `shared.weight` and `lm_head.weight` and a `config.json` with
+`"tie_word_embeddings": false`; load it with `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from typing import Any, Mapping
+
+import flax
+import numpy as np
+
+from ul2 import network, vocabulary
+
+_HF_ACTIVATIONS = {('gelu', 'linear'): 'gated-gelu', ('silu', 'linear'): 'gated-silu',
+                   ('swish', 'linear'): 'gated-silu', ('relu',): 'relu', ('gelu',): 'gelu'}
+_ATTENTION = {'query': 'q', 'key': 'k', 'value': 'v', 'out': 'o'}
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+
+def hf_config(config: network.Config) -> dict[str, Any]:
+  """The `config.json` of a `T5ForConditionalGeneration` with this architecture."""
+  try:
+    feed_forward_proj = _HF_ACTIVATIONS[tuple(config.mlp_activations)]
+  except KeyError:
+    raise ValueError(f'No HF T5 feed_forward_proj for mlp_activations '
+                     f'{config.mlp_activations}; HF supports gated-gelu, gated-silu, relu, '
+                     'gelu.') from None
+  # d_kv is explicit in HF T5, so heads x head_dim may differ from d_model (UL2 20B).
+  return {
+      'architectures': ['T5ForConditionalGeneration'],
+      'model_type': 't5',
+      'vocab_size': config.vocab_size,
+      'd_model': config.emb_dim,
+      'd_kv': config.head_dim,
+      'd_ff': config.mlp_dim,
+      'num_layers': config.num_encoder_layers,
+      'num_decoder_layers': config.num_decoder_layers,
+      'num_heads': config.num_heads,
+      'relative_attention_num_buckets': config.relative_attention_num_buckets,
+      'relative_attention_max_distance': config.relative_attention_max_distance,
+      'dropout_rate': config.dropout_rate,
+      'layer_norm_epsilon': config.layer_norm_epsilon,
+      'initializer_factor': 1.0,
+      # Must be written: the activation cannot be inferred from the weights.
+      'feed_forward_proj': feed_forward_proj,
+      'is_encoder_decoder': True,
+      'tie_word_embeddings': bool(config.logits_via_embedding),
+      'decoder_start_token_id': network.PAD_ID,
+      'pad_token_id': network.PAD_ID,
+      'eos_token_id': network.EOS_ID,
+      'use_cache': True,
+  }
+
+
+def config_from_hf(hf: Mapping[str, Any], **overrides) -> network.Config:
+  """A `network.Config` from an HF T5 `config.json` (T5 v1.1, UL2, flan-t5 ...)."""
+  proj = hf.get('feed_forward_proj', 'relu')
+  activations = {'gated-gelu': ('gelu', 'linear'), 'gated-silu': ('silu', 'linear'),
+                 'relu': ('relu',), 'gelu': ('gelu',)}
+  if proj not in activations:
+    raise ValueError(f"config.json feed_forward_proj {proj!r} is not supported; expected one "
+                     f'of {sorted(activations)}.')
+  fields = dict(
+      vocab_size=hf['vocab_size'], emb_dim=hf['d_model'], num_heads=hf['num_heads'],
+      head_dim=hf['d_kv'], mlp_dim=hf['d_ff'], num_encoder_layers=hf['num_layers'],
+      num_decoder_layers=hf.get('num_decoder_layers') or hf['num_layers'],
+      mlp_activations=activations[proj],
+      logits_via_embedding=bool(hf.get('tie_word_embeddings', True)),
+      relative_attention_num_buckets=hf.get('relative_attention_num_buckets', 32),
+      relative_attention_max_distance=hf.get('relative_attention_max_distance', 128),
+      layer_norm_epsilon=hf.get('layer_norm_epsilon', 1e-6))
+  fields.update(overrides)
+  return network.Config(**fields)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter mapping
+# ----------------------------------------------------------------------------------------------
+
+def _hf_names(config: network.Config) -> dict[tuple[str, ...], tuple[str, bool]]:
+  """Our parameter path -> (HF name, transpose?)."""
+  names = {('token_embedder', 'embedding'): ('shared.weight', False)}
+  mlp_names = ['wi_0', 'wi_1'] if len(config.mlp_activations) > 1 else ['wi']
+  for stack, layers in (('encoder', config.num_encoder_layers),
+                        ('decoder', config.num_decoder_layers)):
+    names[(stack, 'relpos_bias', 'rel_embedding')] = (
+        f'{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight', True)
+    names[(stack, f'{stack}_norm', 'scale')] = (f'{stack}.final_layer_norm.weight', False)
+    for i in range(layers):
+      block = f'{stack}.block.{i}.layer'
+      if stack == 'encoder':
+        sublayers = [('attention', 'pre_attention_layer_norm', f'{block}.0.SelfAttention',
+                      f'{block}.0.layer_norm')]
+        mlp_layer = 1
+      else:
+        sublayers = [('self_attention', 'pre_self_attention_layer_norm',
+                      f'{block}.0.SelfAttention', f'{block}.0.layer_norm'),
+                     ('encoder_decoder_attention', 'pre_cross_attention_layer_norm',
+                      f'{block}.1.EncDecAttention', f'{block}.1.layer_norm')]
+        mlp_layer = 2
+      for ours, norm, theirs, their_norm in sublayers:
+        names[(stack, f'layers_{i}', norm, 'scale')] = (f'{their_norm}.weight', False)
+        for proj, p in _ATTENTION.items():
+          names[(stack, f'layers_{i}', ours, proj, 'kernel')] = (f'{theirs}.{p}.weight', True)
+      names[(stack, f'layers_{i}', 'pre_mlp_layer_norm', 'scale')] = (
+          f'{block}.{mlp_layer}.layer_norm.weight', False)
+      for m in mlp_names + ['wo']:
+        names[(stack, f'layers_{i}', 'mlp', m, 'kernel')] = (
+            f'{block}.{mlp_layer}.DenseReluDense.{m}.weight', True)
+  if not config.logits_via_embedding:
+    names[('decoder', 'logits_dense', 'kernel')] = ('lm_head.weight', True)
+  return names
+
+
+def to_hf_state_dict(params: Any, config: network.Config) -> dict[str, np.ndarray]:
+  """Our parameters (per-layer or scanned) -> HF T5 tensors (float32 numpy)."""
+  flat = flax.traverse_util.flatten_dict(network.unstack_layers(params, config))
+  names = _hf_names(config)
+  if set(flat) != set(names):
+    raise ValueError(f'Parameter tree does not match the config: missing '
+                     f'{sorted(set(names) - set(flat))[:3]}, unexpected '
+                     f'{sorted(set(flat) - set(names))[:3]}.')
+  out = {}
+  for path, (name, transpose) in names.items():
+    value = np.asarray(flat[path], np.float32)
+    out[name] = np.ascontiguousarray(value.T if transpose else value)
+  return out
+
+
+def from_hf_state_dict(tensors: Mapping[str, np.ndarray], config: network.Config) -> dict:
+  """HF T5 tensors -> our per-layer parameter tree (float32 numpy)."""
+  names = _hf_names(config)
+  missing = [name for name, _ in names.values() if name not in tensors]
+  if missing:
+    raise ValueError(f'The HF checkpoint lacks {missing[:3]} ({len(missing)} tensors) that '
+                     'this config needs; check num_layers / feed_forward_proj / '
+                     'tie_word_embeddings in config.json.')
+  flat = {}
+  for path, (name, transpose) in names.items():
+    value = np.asarray(tensors[name], np.float32)
+    flat[path] = np.ascontiguousarray(value.T if transpose else value)
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def save_hf(params: Any, config: network.Config, output_dir: str,
+            spm_path: str = vocabulary.SPM_PATH) -> None:
+  """Writes a `T5ForConditionalGeneration` directory: config.json, model.safetensors and the
+  SentencePiece tokenizer files (T5Tokenizer with 100 extra ids)."""
+  from safetensors.numpy import save_file
+
+  os.makedirs(output_dir, exist_ok=True)
+  tensors = to_hf_state_dict(params, config)
+  save_file(tensors, os.path.join(output_dir, 'model.safetensors'), metadata={'format': 'pt'})
+  with open(os.path.join(output_dir, 'config.json'), 'w') as f:
+    json.dump(hf_config(config), f, indent=2)
+  with open(os.path.join(output_dir, 'generation_config.json'), 'w') as f:
+    json.dump({'decoder_start_token_id': network.PAD_ID, 'eos_token_id': network.EOS_ID,
+               'pad_token_id': network.PAD_ID}, f, indent=2)
+  shutil.copyfile(spm_path, os.path.join(output_dir, 'spiece.model'))
+  with open(os.path.join(output_dir, 'tokenizer_config.json'), 'w') as f:
+    json.dump({'tokenizer_class': 'T5Tokenizer', 'extra_ids': vocabulary.EXTRA_IDS,
+               'model_max_length': 512, 'eos_token': '</s>', 'unk_token': '<unk>',
+               'pad_token': '<pad>'}, f, indent=2)
+
+
+def load_hf(directory: str, **overrides) -> tuple[dict, network.Config]:
+  """An HF T5 / UL2 directory on disk (safetensors) -> (our parameters, config). No hub."""
+  from safetensors.numpy import load_file
+
+  config_path = os.path.join(directory, 'config.json')
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f'{config_path} not found: expected a Hugging Face model directory '
+                            '(config.json + model.safetensors).')
+  with open(config_path) as f:
+    config = config_from_hf(json.load(f), **overrides)
+  files = sorted(f for f in os.listdir(directory) if f.endswith('.safetensors'))
+  if not files:
+    raise FileNotFoundError(f'No *.safetensors in {directory}; convert pytorch_model.bin with '
+                            'transformers (save_pretrained(safe_serialization=True)) first.')
+  tensors = {}
+  for name in files:  # single file or shards
+    tensors.update(load_file(os.path.join(directory, name)))
+  if 'shared.weight' not in tensors and 'encoder.embed_tokens.weight' in tensors:
+    tensors['shared.weight'] = tensors['encoder.embed_tokens.weight']
+  return from_hf_state_dict(tensors, config), config
+
+
+# ----------------------------------------------------------------------------------------------
+# T5X checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def _dotted(path: tuple[str, ...]) -> str:
+  return '.'.join(path)
+
+
+def save_t5x_tensorstore(params: Any, config: network.Config, directory: str,
+                         step: int) -> str:
+  """Writes T5X's tensorstore layout: `checkpoint_<step>/checkpoint` (msgpack: the tree, each
+  array replaced by its tensorstore spec) and `checkpoint_<step>/target.<dotted.path>/` zarr
+  arrays. T5X restores it with `utils.RestoreCheckpointConfig(path=..., mode='specific')`
+  (optimizer state is not included: add `fallback_to_scratch=True`)."""
+  import tensorstore as ts
+
+  out = os.path.join(directory, f'checkpoint_{step}')
+  os.makedirs(out, exist_ok=True)
+  flat = flax.traverse_util.flatten_dict(network.unstack_layers(params, config))
+  specs = {}
+  for path, value in flat.items():
+    value = np.asarray(value, np.float32)
+    name = 'target.' + _dotted(path)
+    spec = {'driver': 'zarr', 'kvstore': {'driver': 'file', 'path': name},
+            'metadata': {'shape': list(value.shape), 'chunks': list(value.shape),
+                         'dtype': '<f4', 'compressor': {'id': 'gzip'}}}
+    absolute = json.loads(json.dumps(spec))
+    absolute['kvstore']['path'] = os.path.join(out, name)
+    ts.open(absolute, create=True, delete_existing=True).result().write(value).result()
+    specs[path] = spec
+  state = {'optimizer': {'target': flax.traverse_util.unflatten_dict(specs),
+                         'state': {'step': np.int32(step)}}}
+  with open(os.path.join(out, 'checkpoint'), 'wb') as f:
+    f.write(flax.serialization.msgpack_serialize(state))
+  return out
+
+
+def load_t5x(path: str, config: network.Config) -> dict:
+  """Parameters from a T5X checkpoint directory (`checkpoint_N/`): the tensorstore layout
+  (msgpack `checkpoint` + `target.*` zarr arrays) or an orbax one (`target` or `params` item)."""
+  if os.path.exists(os.path.join(path, 'checkpoint')):
+    params = _load_t5x_tensorstore(path)
+  else:
+    import orbax.checkpoint as ocp
+    if os.path.isdir(os.path.join(path, 'default')):  # a step of an orbax CheckpointManager
+      path = os.path.join(path, 'default')
+    restored = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
+    for key in ('target', 'params'):
+      if key in restored:
+        params = restored[key]
+        break
+    else:
+      params = restored.get('optimizer', {}).get('target')
+      if params is None:
+        raise ValueError(f'{path} has no target/params tree (keys: {sorted(restored)}).')
+  params = jax_tree_to_numpy(params)
+  expected = network.param_shapes(dataclasses.replace(config, scan_layers=False))
+  _check_shapes(params, expected, path)
+  return params
+
+
+def _load_t5x_tensorstore(path: str) -> dict:
+  import tensorstore as ts
+
+  with open(os.path.join(path, 'checkpoint'), 'rb') as f:
+    state = flax.serialization.msgpack_restore(f.read())
+  target = state.get('optimizer', state).get('target')
+  if target is None:
+    raise ValueError(f'{path}/checkpoint has no optimizer.target (or target) tree.')
+  flat = {}
+  for key, leaf in flax.traverse_util.flatten_dict(
+      target, is_leaf=lambda _, x: _is_ts_spec(x)).items():
+    if _is_ts_spec(leaf):
+      spec = json.loads(json.dumps(leaf))
+      store_path = spec['kvstore']['path']
+      if not os.path.isabs(store_path):
+        spec['kvstore']['path'] = os.path.join(path, store_path)
+      spec.pop('metadata', None)  # read whatever was written
+      flat[key] = ts.open(spec, open=True).result().read().result()
+    elif isinstance(leaf, str) and os.path.isdir(os.path.join(path, 'target.' + _dotted(key))):
+      flat[key] = ts.open({'driver': 'zarr', 'kvstore': {
+          'driver': 'file', 'path': os.path.join(path, 'target.' + _dotted(key))}},
+          open=True).result().read().result()
+    else:
+      flat[key] = np.asarray(leaf)
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def _is_ts_spec(x) -> bool:
+  return isinstance(x, dict) and 'driver' in x and 'kvstore' in x
+
+
+def jax_tree_to_numpy(tree: Any) -> Any:
+  import jax
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+
+
+def _check_shapes(params: Any, expected: Any, where: str) -> None:
+  got = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(params).items()}
+  want = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(expected).items()}
+  if got != want:
+    wrong = [(_dotted(k), got.get(k), want.get(k)) for k in sorted(set(got) | set(want))
+             if got.get(k) != want.get(k)]
+    raise ValueError(f'{where}: parameters do not match the model config ({len(wrong)} '
+                     f'differences, e.g. {wrong[:3]} as (name, checkpoint, config)).')
+
+
+def load_pretrained(path: str, config: network.Config) -> dict:
+  """Parameters from any supported source, per-layer layout, checked against `config`:
+  an HF directory (config.json + safetensors), a T5X checkpoint directory, or one of our
+  checkpoints (a model_dir, its checkpoints/ folder, or a checkpoints/<step> folder)."""
+  if os.path.exists(os.path.join(path, 'config.json')) and any(
+      f.endswith('.safetensors') for f in os.listdir(path)):
+    params, _ = load_hf(path)
+    _check_shapes(params, network.param_shapes(dataclasses.replace(config, scan_layers=False)),
+                  path)
+    return params
+  return load_t5x(resolve_checkpoint(path), config)
+
+
+def resolve_checkpoint(path: str) -> str:
+  """model_dir | model_dir/checkpoints | a step folder -> the latest step folder."""
+  for candidate in (path, os.path.join(path, 'checkpoints')):
+    if not os.path.isdir(candidate):
+      continue
+    steps = [d for d in os.listdir(candidate) if re.fullmatch(r'\d+', d)]
+    if steps:
+      return os.path.join(candidate, max(steps, key=int))
+  if os.path.isdir(path):
+    return path
+  raise FileNotFoundError(f'No checkpoint at {path}.')
+
+
+def read_model_config(path: str) -> network.Config:
+  """The `model_config.json` that training writes into its model_dir, found from a model_dir or
+  any checkpoint folder below it."""
+  path = os.path.abspath(path)
+  while True:
+    candidate = os.path.join(path, 'model_config.json')
+    if os.path.exists(candidate):
+      with open(candidate) as f:
+        return network.Config(**json.load(f))
+    parent = os.path.dirname(path)
+    if parent == path:
+      raise FileNotFoundError('No model_config.json in the checkpoint folder or above it; pass '
+                              'the model with --gin_file=models/<size>.gin instead.')
+    path = parent
