@@ -115,6 +115,12 @@ class TrainConfig:
   keep_checkpoints: int = 3
   async_checkpointing: bool = True
   log_every: int = 10
+  # Task metrics (greedy decoding, the task's postprocessor and metric functions) on the
+  # validation split every this many steps and at the end; None: loss only.
+  metrics_every: int | None = None
+  metrics_examples: int | None = None  # None: the whole split
+  # Keep the parameters with the best value of this metric in model_dir/best/ (fine-tuning).
+  keep_best: str | None = None
   # Start a new run from pretrained weights: an HF T5/UL2 directory, a T5X checkpoint or one
   # of ours (optimizer state starts fresh). Ignored once model_dir has a checkpoint.
   init_from: str | None = None
@@ -412,25 +418,47 @@ def make_datasets(data: DataConfig, split: str, seed: int, repeat: bool,
 
 
 class HostBatches:
-  """Zips this process's shard pipelines into its rows of each global batch; checkpointable."""
+  """Zips this process's shard pipelines into its rows of each global batch; checkpointable.
+
+  The position is saved as tf.data iterator state. Pipelines that tf.data cannot serialise
+  (a Python-generator source: jsonl, HF datasets, SuperGLUE) save the number of batches
+  consumed instead and are replayed to it on restore: slower to resume, equally exact.
+  """
 
   def __init__(self, datasets: Sequence):
     self.iterators = [iter(ds) for ds in datasets]
+    self.consumed = 0
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
     parts = [{k: v.numpy() for k, v in next(it).items()} for it in self.iterators]
+    self.consumed += 1
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def save(self, path: str) -> None:
     import tensorflow as tf
-    tf.train.Checkpoint(**self._named()).write(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+      tf.train.Checkpoint(**self._named()).write(path)
+    except tf.errors.FailedPreconditionError:  # e.g. "PyFunc is stateful"
+      with open(path + '.json', 'w') as f:
+        json.dump({'batches_consumed': self.consumed}, f)
+
+  @staticmethod
+  def saved(path: str) -> bool:
+    return os.path.exists(path + '.index') or os.path.exists(path + '.json')
 
   def restore(self, path: str) -> None:
     import tensorflow as tf
-    tf.train.Checkpoint(**self._named()).read(path).assert_consumed()
+    if os.path.exists(path + '.index'):
+      tf.train.Checkpoint(**self._named()).read(path).assert_consumed()
+      return
+    with open(path + '.json') as f:
+      target = json.load(f)['batches_consumed']
+    while self.consumed < target:
+      next(self)
 
   def _named(self):
     return {f'shard_{i}': it for i, it in enumerate(self.iterators)}
@@ -499,7 +527,7 @@ class Checkpoints:
       params = network.stack_layers(params, self.model_cfg)
     if data is not None:
       path = self._data_path(step)
-      if not os.path.exists(path + '.index'):
+      if not HostBatches.saved(path):
         raise FileNotFoundError(
             f'Checkpoint step {step} has no input position for process '
             f'{jax.process_index()} at {path}; was it written with a different number of '
@@ -525,6 +553,7 @@ class TrainResult:
   eval_history: list[dict[str, float]]
   model_dir: str
   start_step: int
+  metrics_history: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
 def abstract_state(model: network.Transformer, tx: optax.GradientTransformation,
@@ -665,7 +694,8 @@ def train(*, model: network.Config, data: DataConfig, run: TrainConfig,
   writers = _summary_writers(run.model_dir) if is_chief and host_batches is not None else None
   bar = _progress(run, start, is_chief)
 
-  history, eval_history, pending = [], [], []
+  history, eval_history, metrics_history, pending = [], [], [], []
+  best = _read_best(run.model_dir)
   last_time, last_step = time.perf_counter(), start
   for step in range(start, run.steps):
     batch = partitioning.global_batch(next(batches), device_mesh)
@@ -699,6 +729,16 @@ def train(*, model: network.Config, data: DataConfig, run: TrainConfig,
       log_line = f'step {done}: validation loss {result["loss"]:.4f}, accuracy ' \
                  f'{result["accuracy"]:.3f}'
       (bar.write if bar is not None else log)(log_line)
+    if run.metrics_every and data.eval_split and (done % run.metrics_every == 0
+                                                  or done == run.steps):
+      metrics = _task_metrics(net, state.params, data, run)
+      metrics_history.append({'step': done, **metrics})
+      if writers:
+        _write_scalars(writers['validation'], done, metrics)
+      line = f'step {done}: ' + ', '.join(f'{k} {v:.2f}' for k, v in metrics.items())
+      (bar.write if bar is not None else log)(line)
+      if run.keep_best:
+        best = _keep_best(run, done, metrics, state.params, model, best)
     if host_batches is not None and (done % run.checkpoint_every == 0 or done == run.steps):
       checkpoints.save(done, state, host_batches)
 
@@ -712,7 +752,42 @@ def train(*, model: network.Config, data: DataConfig, run: TrainConfig,
   if is_chief and host_batches is not None:
     log(f'Checkpoints: {checkpoints.directory}  (steps {checkpoints.manager.all_steps()})')
     log(f'TensorBoard: tensorboard --logdir {os.path.abspath(run.model_dir)}')
-  return TrainResult(state, history, eval_history, run.model_dir, start)
+  return TrainResult(state, history, eval_history, run.model_dir, start, metrics_history)
+
+
+def _task_metrics(net: network.Transformer, params: Any, data: DataConfig,
+                  run: TrainConfig) -> dict[str, float]:
+  from ul2 import evaluation
+  return evaluation.evaluate(net, params, data.task, feature_lengths=data.feature_lengths,
+                             split=data.eval_split, method='decode',
+                             max_examples=run.metrics_examples).metrics
+
+
+def _read_best(model_dir: str) -> dict | None:
+  path = os.path.join(model_dir, 'best.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return None
+
+
+def _keep_best(run: TrainConfig, step: int, metrics: Mapping[str, float], params: Any,
+               model: network.Config, best: dict | None) -> dict | None:
+  """Saves the parameters to model_dir/best/ when `run.keep_best` improved; returns the best."""
+  if run.keep_best not in metrics:
+    raise ValueError(f'TrainConfig.keep_best={run.keep_best!r} is not one of the task\'s '
+                     f'metrics {sorted(metrics)}.')
+  value = metrics[run.keep_best]
+  if best is not None and value <= best['value']:
+    return best
+  path = os.path.abspath(os.path.join(run.model_dir, 'best'))
+  ocp.PyTreeCheckpointer().save(path, {'params': network.unstack_layers(params, model)},
+                                force=True)
+  best = {'step': step, 'metric': run.keep_best, 'value': value, 'metrics': dict(metrics)}
+  if jax.process_index() == 0:
+    with open(os.path.join(run.model_dir, 'best.json'), 'w') as f:
+      json.dump(best, f, indent=1)
+  return best
 
 
 def _progress(run: TrainConfig, start: int, is_chief: bool):

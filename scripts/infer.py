@@ -1,0 +1,71 @@
+"""Generate from, or score with, a checkpoint.
+
+    python scripts/infer.py --checkpoint runs/quickstart --input "It was a dark and" --mode '[S2S]'
+    python scripts/infer.py --checkpoint runs/quickstart --input "The cat <extra_id_0> mat." \\
+        --mode '[NLG]' --decode beam
+    python scripts/infer.py --checkpoint runs/quickstart --input "It was a dark and" \\
+        --score "stormy night."
+
+`--score TARGET` prints the total natural-log likelihood of TARGET given the input (summed over
+the target tokens, EOS included) instead of generating.
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+
+import eval as eval_script  # noqa: E402
+
+
+def main(argv=None, out=sys.stdout):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--checkpoint', required=True)
+  parser.add_argument('--gin_file', action='append', default=[])
+  parser.add_argument('--input', required=True)
+  parser.add_argument('--mode', default='', help="mode token to prepend: '[NLU]', '[S2S]', "
+                                                 "'[NLG]' or '' (none)")
+  parser.add_argument('--decode', choices=('greedy', 'beam', 'sample'), default='greedy')
+  parser.add_argument('--max_length', type=int, default=64)
+  parser.add_argument('--beam_size', type=int, default=4)
+  parser.add_argument('--alpha', type=float, default=0.6, help='beam length penalty')
+  parser.add_argument('--temperature', type=float, default=1.0)
+  parser.add_argument('--top_k', type=int, default=0)
+  parser.add_argument('--top_p', type=float, default=1.0)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--score', default=None, help='print log p(SCORE | input) instead')
+  args = parser.parse_args(argv)
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from ul2 import decoding, network, vocabulary
+
+  model, params = eval_script.load_model(args.checkpoint, args.gin_file)
+  vocab = vocabulary.get_vocabulary()
+  text = f'{args.mode} {args.input}' if args.mode else args.input
+  inputs = jnp.asarray([vocab.encode(text) + [network.EOS_ID]], jnp.int32)
+  if args.score is not None:
+    targets = jnp.asarray([vocab.encode(args.score) + [network.EOS_ID]], jnp.int32)
+    value = float(decoding.score(model, params, inputs, targets)[0])
+    print(f'{value:.4f}', file=out)
+    return value
+  if args.decode == 'greedy':
+    ids = decoding.greedy(model, params, inputs, args.max_length)[0]
+  elif args.decode == 'beam':
+    ids = decoding.beam_search(model, params, inputs, args.beam_size, args.max_length,
+                               args.alpha)[0][0, 0]
+  else:
+    ids = decoding.sample(model, params, inputs, jax.random.key(args.seed), args.max_length,
+                          args.temperature, args.top_k, args.top_p)[0]
+  ids = [int(i) for i in np.asarray(ids)]
+  ids = ids[:ids.index(network.EOS_ID)] if network.EOS_ID in ids else ids
+  text = vocabulary.render([i for i in ids if i], vocab)
+  print(text, file=out)
+  return text
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

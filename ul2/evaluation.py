@@ -1,0 +1,135 @@
+"""Evaluate a model on a seqio task: decode or rank-score, postprocess, compute the task's metrics.
+
+    metrics = evaluate(model, params, 'superglue_cb', feature_lengths={'inputs': 256,
+                       'targets': 8}, method='rank', candidates=('entailment', 'contradiction',
+                       'neutral'))
+
+`method='decode'` generates greedily and maps the text through the task's `postprocess_fn`;
+`method='rank'` scores every candidate answer and takes the most likely (zero- and few-shot
+classification). `few_shot=k` prepends k training examples ("input target" pairs, mode token
+first) to each input, truncating from the left so the question itself always fits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ul2 import decoding, network
+
+MODE_TOKENS = ('[NLU]', '[S2S]', '[NLG]')
+
+
+@dataclasses.dataclass
+class Result:
+  task: str
+  metrics: dict[str, float]
+  examples: int
+  method: str
+  predictions: list[Any]
+
+
+def _strip_mode(text: str) -> tuple[str, str]:
+  for mode in MODE_TOKENS:
+    if text.startswith(mode + ' '):
+      return mode, text[len(mode) + 1:]
+  return '', text
+
+
+def _text(value) -> str:
+  return value.decode('utf-8') if isinstance(value, bytes) else str(value)
+
+
+def _pad(rows: Sequence[Sequence[int]], length: int) -> np.ndarray:
+  out = np.zeros((len(rows), length), np.int32)
+  for i, row in enumerate(rows):
+    out[i, :len(row)] = row[:length]
+  return out
+
+
+def few_shot_inputs(vocab, query: str, shots: Sequence[tuple[str, str]], length: int
+                    ) -> list[int]:
+  """Token ids of `mode shot_1_input shot_1_target ... query` (+ EOS), at most `length`: the
+  oldest shots are cut first; the mode token and the query are always kept.
+
+  The texts are the task's pretokenized inputs, each starting with the mode token, which is
+  written once, first.
+  """
+  mode, body = _strip_mode(query)
+  prefix = vocab.encode(mode) if mode else []
+  query_ids = vocab.encode(body) + [network.EOS_ID]
+  context = []
+  for shot_input, shot_target in shots:
+    context += vocab.encode(f'{_strip_mode(shot_input)[1]} {shot_target}')
+  room = max(length - len(prefix) - len(query_ids), 0)
+  context = context[len(context) - room:] if room else []
+  return (prefix + context + query_ids)[-length:] if len(prefix + query_ids) > length else (
+      prefix + context + query_ids)
+
+
+def evaluate(model: network.Transformer, params: Any, task_name: str, *,
+             feature_lengths: Mapping[str, int], split: str = 'validation',
+             method: str = 'decode', candidates: Sequence[str] | None = None,
+             few_shot: int = 0, batch_size: int = 32, max_examples: int | None = None,
+             seed: int = 0) -> Result:
+  """Runs `task_name`'s `split` through the model and its metric functions."""
+  import seqio  # TensorFlow/seqio only where a task is evaluated
+
+  if method not in ('decode', 'rank'):
+    raise ValueError(f"method must be 'decode' or 'rank', got {method!r}.")
+  if method == 'rank' and not candidates:
+    raise ValueError(f'Rank classification of {task_name} needs candidate answers; this task '
+                     "has none (e.g. ReCoRD's free-form answers): use method='decode'.")
+  task = seqio.get_mixture_or_task(task_name)
+  vocab = task.output_features['targets'].vocabulary
+  lengths = dict(feature_lengths)
+  ds = task.get_dataset(lengths, split=split, shuffle=False, seed=seed)
+  examples = list((ds.take(max_examples) if max_examples else ds).as_numpy_iterator())
+  if not examples:
+    raise ValueError(f'{task_name} split {split!r} has no examples.')
+
+  shots = []
+  if few_shot:
+    train = task.get_dataset(lengths, split='train', shuffle=True, seed=seed)
+    shots = [(_text(ex['inputs_pretokenized']), _text(ex['targets_pretokenized']))
+             for ex in train.take(few_shot).as_numpy_iterator()]
+  inputs = [few_shot_inputs(vocab, _text(ex['inputs_pretokenized']), shots, lengths['inputs'])
+            if few_shot else list(ex['inputs']) for ex in examples]
+
+  predictions = []
+  for start in range(0, len(inputs), batch_size):
+    chunk = inputs[start:start + batch_size]
+    rows = len(chunk)
+    chunk = chunk + [chunk[-1]] * (batch_size - rows)  # one compiled shape for every batch
+    enc = jnp.asarray(_pad(chunk, max(len(r) for r in inputs)))
+    if method == 'decode':
+      out = np.asarray(decoding.greedy(model, params, enc, lengths['targets']))[:rows]
+      for row, ex in zip(out, examples[start:start + rows]):
+        ids = list(row)
+        ids = ids[:ids.index(network.EOS_ID)] if network.EOS_ID in ids else ids
+        predictions.append(task.postprocess_fn(vocab.decode([i for i in ids if i]),
+                                               example=ex, is_target=False))
+    else:
+      cand_ids = _pad([vocab.encode(c) + [network.EOS_ID] for c in candidates],
+                      max(len(vocab.encode(c)) + 1 for c in candidates))
+      cands = jnp.asarray(np.broadcast_to(cand_ids, (batch_size,) + cand_ids.shape))
+      _, best = decoding.rank_classification(model, params, enc, cands)
+      for b, ex in zip(np.asarray(best)[:rows], examples[start:start + rows]):
+        predictions.append(task.postprocess_fn(candidates[int(b)], example=ex,
+                                               is_target=False))
+  targets = [task.postprocess_fn(_text(ex['targets_pretokenized']), example=ex, is_target=True)
+             for ex in examples]
+  metrics = {}
+  for fn in task.metric_fns:
+    metrics.update(fn(targets, predictions))
+  return Result(task_name, metrics, len(examples), method, predictions)
+
+
+def task_score(metrics: Mapping[str, float]) -> float:
+  """One number per task, as the SuperGLUE leaderboard averages it: the mean of the task's
+  metrics (CB: accuracy and macro-F1; MultiRC: F1a and EM; ReCoRD: F1 and EM)."""
+  return float(np.mean(list(metrics.values())))
