@@ -161,3 +161,25 @@ def test_filter_logits():
 def test_docstring_examples():
   result = doctest.testmod(decoding)
   assert result.attempted > 0 and result.failed == 0
+
+
+def test_decoding_with_sharded_parameters_equals_unsharded():
+  from ul2 import partitioning
+  cfg = network.Config(vocab_size=64, emb_dim=16, num_heads=4, head_dim=4, mlp_dim=32,
+                       num_encoder_layers=1, num_decoder_layers=1)
+  model = network.Transformer(cfg)
+  params, enc = init(cfg, seed=4, eos_boost=3.0), inputs()
+  expected = decoding.greedy(model, params, enc, max_decode_length=6)
+  expected_beams, _ = decoding.beam_search(model, params, enc, 2, 6)
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, model=4))
+  rules = partitioning.logical_axis_rules()
+  tokens = jnp.ones((1, 4), jnp.int32)
+  boxed = jax.eval_shape(lambda r: model.init(r, tokens, tokens, tokens)['params'],
+                         jax.random.key(0))
+  sharded = jax.device_put(params, partitioning.logical_shardings(boxed, mesh, rules))
+  batch = jax.device_put(enc, partitioning.data_sharding(mesh))
+  with jax.set_mesh(mesh), flax.linen.logical_axis_rules(rules):
+    got = decoding.greedy(model, sharded, batch, max_decode_length=6)
+    beams, _ = decoding.beam_search(model, sharded, batch, 2, 6)
+  np.testing.assert_array_equal(got, expected)
+  np.testing.assert_array_equal(beams, expected_beams)
