@@ -1,6 +1,17 @@
 #!/usr/bin/env bash
 # Installs ul2 with its test and hf extras into ./.venv (created if missing) and runs the whole
-# suite (the hf extra: torch 2.13.0 CPU and transformers, for the interop tests).
+# suite (the hf extra: torch 2.13.0 CPU and transformers 5.x, for the interop tests).
 INSTALL_EXTRA=test,hf
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+# transformers 4.x beside it, in its own folder: the export is also checked with 4.x, loaded
+# in a subprocess with this folder first on PYTHONPATH.
+T4="$VENV/transformers4"
+if [ ! -f "$T4/.installed-4.57.1" ]; then
+  echo "== installing transformers 4.57.1 into $T4 (for the 4.x interop test)"
+  rm -rf "$T4"
+  python -m pip install --quiet --disable-pip-version-check --no-deps --target "$T4" \
+    transformers==4.57.1 huggingface-hub==0.36.0 tokenizers==0.22.1 >"$VENV/install4.log" 2>&1 \
+    || { cat "$VENV/install4.log" >&2; exit 1; }
+  touch "$T4/.installed-4.57.1"
+fi
 python -m pytest "$@"

@@ -200,3 +200,41 @@ def test_training_starts_from_hf_weights_and_exports_back(tmp_path):
   assert_trees_equal(trained, exported)
   assert not np.array_equal(trained['decoder']['logits_dense']['kernel'],
                             params['decoder']['logits_dense']['kernel'])
+
+
+TRANSFORMERS4 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __import__('sys').executable))), 'transformers4')
+
+
+@pytest.mark.parametrize('name', ['gelu_untied', 'silu_tied'])
+def test_exported_model_loads_in_transformers_4_with_the_same_logits(tmp_path, name):
+  """transformers 4.57 (installed beside the venv by scripts/test.sh) in a subprocess."""
+  import subprocess
+  import sys
+  assert os.path.isdir(TRANSFORMERS4), (
+      f'{TRANSFORMERS4} is missing: scripts/test.sh installs transformers 4.x there.')
+  cfg = VARIANTS[name]
+  params = init(cfg, seed=8)
+  interop.save_hf(params, cfg, str(tmp_path / 'hf'))
+  enc, targets, dec_in = batch(cfg.vocab_size, seed=9)
+  np.save(tmp_path / 'enc.npy', enc)
+  np.save(tmp_path / 'dec_in.npy', dec_in)
+  code = (
+      'import sys, numpy as np, torch, transformers\n'
+      'assert transformers.__version__.startswith("4."), transformers.__version__\n'
+      f'd = "{tmp_path}"\n'
+      'enc, dec_in = np.load(d + "/enc.npy"), np.load(d + "/dec_in.npy")\n'
+      'm = transformers.T5ForConditionalGeneration.from_pretrained(d + "/hf").eval()\n'
+      'with torch.no_grad():\n'
+      '  out = m(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc > 0),\n'
+      '          decoder_input_ids=torch.tensor(dec_in)).logits.numpy()\n'
+      'np.save(d + "/logits4.npy", out)\n')
+  env = {**os.environ, 'PYTHONPATH': TRANSFORMERS4}
+  proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  ours = np.asarray(network.Transformer(cfg).apply({'params': params}, enc, dec_in, targets))
+  theirs = np.load(tmp_path / 'logits4.npy')
+  assert np.abs(ours - theirs).max() <= 1e-4
+  # And 5.x gives the same.
+  assert np.abs(theirs - hf_logits(str(tmp_path / 'hf'), enc, dec_in)).max() <= 1e-4
