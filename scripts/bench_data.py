@@ -27,7 +27,6 @@ import seqio  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tasks  # noqa: E402,F401
-from tasks import pretrain  # noqa: E402
 
 
 def cached_blocks(task: seqio.Task) -> tf.data.Dataset:

@@ -19,7 +19,6 @@ accelerator image that has only JAX; without it the batches are real packed MoD 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys

@@ -1,7 +1,6 @@
 """SuperGLUE: official records -> text, metrics against scikit-learn and hand counts,
 fine-tuning through the real pipeline, and the eval and infer CLIs."""
 
-import dataclasses
 import io
 import json
 import os

@@ -1,6 +1,5 @@
 """The tiny training run the trainer tests share (also imported by multiprocess_train.py)."""
 
-import dataclasses
 
 import jax
 import numpy as np

@@ -47,14 +47,11 @@ Data flow (seqio preprocessors, in a task's order):
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Mapping, Sequence
 
 import numpy as np
 import seqio
 import tensorflow as tf
-
-from ul2 import vocabulary
 
 MODES = ('[NLU]', '[S2S]', '[NLG]')
 FAMILY_MODES = {'R': '[NLU]', 'S': '[S2S]', 'X': '[NLG]'}
@@ -411,6 +408,7 @@ def tokenize_blocks(dataset: tf.data.Dataset, output_features: Mapping[str, seqi
   One tokenizer call per block instead of per document: Gutenberg paragraphs are ~47 tokens,
   and per-element overhead, not SentencePiece, bounded a per-document pipeline.
 
+  >>> from ul2 import vocabulary
   >>> ds = tf.data.Dataset.from_tensor_slices({'targets': ['The cat.', '', 'A dog']})
   >>> features = {'targets': seqio.Feature(vocabulary.get_vocabulary())}
   >>> [ex['targets'].tolist() for ex in tokenize_blocks(ds, features, 2).as_numpy_iterator()]

@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import json
-import math
 import os
-import re
 import shutil
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -41,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from ul2 import network, partitioning
 
