@@ -12,6 +12,7 @@ config comes from model_config.json / config.json or `--gin_file=models/<size>.g
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -32,7 +33,7 @@ def load_model(checkpoint: str, gin_files=()):
     _, config = interop.load_hf(checkpoint)
   else:
     config = interop.read_model_config(checkpoint)
-  config = config.__class__(**{**config.__dict__, 'dropout_rate': 0.0})
+  config = dataclasses.replace(config, dropout_rate=0.0)
   return network.Transformer(config), interop.load_pretrained(checkpoint, config)
 
 

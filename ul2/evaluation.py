@@ -99,12 +99,17 @@ def evaluate(model: network.Transformer, params: Any, task_name: str, *,
   inputs = [few_shot_inputs(vocab, _text(ex['inputs_pretokenized']), shots, lengths['inputs'])
             if few_shot else list(ex['inputs']) for ex in examples]
 
+  width = max(len(r) for r in inputs)  # one padded width for every batch
+  if method == 'rank':
+    cand_ids = _pad([vocab.encode(c) + [network.EOS_ID] for c in candidates],
+                    max(len(vocab.encode(c)) + 1 for c in candidates))
+    cands = jnp.asarray(np.broadcast_to(cand_ids, (batch_size,) + cand_ids.shape))
   predictions = []
   for start in range(0, len(inputs), batch_size):
     chunk = inputs[start:start + batch_size]
     rows = len(chunk)
     chunk = chunk + [chunk[-1]] * (batch_size - rows)  # one compiled shape for every batch
-    enc = jnp.asarray(_pad(chunk, max(len(r) for r in inputs)))
+    enc = jnp.asarray(_pad(chunk, width))
     if method == 'decode':
       out = np.asarray(decoding.greedy(model, params, enc, lengths['targets']))[:rows]
       for row, ex in zip(out, examples[start:start + rows]):
@@ -113,9 +118,6 @@ def evaluate(model: network.Transformer, params: Any, task_name: str, *,
         predictions.append(task.postprocess_fn(vocab.decode([i for i in ids if i]),
                                                example=ex, is_target=False))
     else:
-      cand_ids = _pad([vocab.encode(c) + [network.EOS_ID] for c in candidates],
-                      max(len(vocab.encode(c)) + 1 for c in candidates))
-      cands = jnp.asarray(np.broadcast_to(cand_ids, (batch_size,) + cand_ids.shape))
       _, best = decoding.rank_classification(model, params, enc, cands)
       for b, ex in zip(np.asarray(best)[:rows], examples[start:start + rows]):
         predictions.append(task.postprocess_fn(candidates[int(b)], example=ex,

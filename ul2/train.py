@@ -236,7 +236,7 @@ class TrainState:
   opt_state: Any
 
 
-def _dummy_inputs(model_cfg: network.Config) -> tuple[jax.Array, ...]:
+def _dummy_inputs() -> tuple[jax.Array, ...]:
   tokens = jnp.ones((1, 1), jnp.int32)
   return tokens, tokens, tokens
 
@@ -244,7 +244,7 @@ def _dummy_inputs(model_cfg: network.Config) -> tuple[jax.Array, ...]:
 def _init_fn(model: network.Transformer, tx: optax.GradientTransformation
              ) -> Callable[[jax.Array], TrainState]:
   def init(rng):
-    params = model.init(rng, *_dummy_inputs(model.config))['params']
+    params = model.init(rng, *_dummy_inputs())['params']
     params = nn.meta.unbox(params)
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   return init
@@ -257,7 +257,7 @@ def state_shardings(model: network.Transformer, tx: optax.GradientTransformation
   Optimiser statistics shaped like their parameter share its sharding; Adafactor's factored
   row/column statistics (vectors) are replicated.
   """
-  boxed = jax.eval_shape(lambda r: model.init(r, *_dummy_inputs(model.config))['params'],
+  boxed = jax.eval_shape(lambda r: model.init(r, *_dummy_inputs())['params'],
                          jax.random.key(0))
   param_shardings = partitioning.logical_shardings(boxed, mesh, rules)
   params = nn.meta.unbox(boxed)
@@ -515,7 +515,7 @@ class Checkpoints:
               data: HostBatches | None) -> TrainState:
     params_abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        network.unstack_layers(jax.tree.map(lambda x: x, abstract.params), self.model_cfg),
+        network.unstack_layers(abstract.params, self.model_cfg),
         per_layer_shardings)
     item = {'step': abstract.step, 'params': params_abstract, 'opt_state': abstract.opt_state}
     restored = self.manager.restore(step, args=ocp.args.StandardRestore(item))
@@ -583,8 +583,10 @@ def build_steps(model: network.Config, optimizer: OptimizerConfig, run: TrainCon
   net = network.Transformer(model)
   tx, schedule = make_optimizer(optimizer, run.steps)
   shardings = state_shardings(net, tx, device_mesh, rules)
-  per_layer_net = network.Transformer(dataclasses.replace(model, scan_layers=False))
-  per_layer = state_shardings(per_layer_net, tx, device_mesh, rules).params
+  per_layer = shardings.params
+  if model.scan_layers:  # checkpoints hold per-layer names: their shardings too
+    per_layer_net = network.Transformer(dataclasses.replace(model, scan_layers=False))
+    per_layer = state_shardings(per_layer_net, tx, device_mesh, rules).params
   batch_sharding = partitioning.data_sharding(device_mesh)
 
   def in_mesh(fn):
