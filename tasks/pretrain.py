@@ -46,8 +46,7 @@ import tensorflow as tf
 
 from ul2 import denoisers, vocabulary
 
-REPO = vocabulary.REPO
-BUNDLED_GUTENBERG_DIR = os.path.join(REPO, 'data', 'gutenberg_sample')
+BUNDLED_GUTENBERG_DIR = os.path.join(vocabulary.DATA_DIR, 'gutenberg_sample')
 GUTENBERG_DIR_ENV = 'UL2_GUTENBERG_DIR'
 
 OBJECTIVES: dict[str, denoisers.MixtureConfig] = {

@@ -32,8 +32,7 @@ import tensorflow as tf
 
 from ul2 import vocabulary
 
-REPO = vocabulary.REPO
-BUNDLED_DIR = os.path.join(REPO, 'data', 'superglue')
+BUNDLED_DIR = os.path.join(vocabulary.DATA_DIR, 'superglue')
 DIR_ENV = 'UL2_SUPERGLUE_DIR'
 MODES = ('[NLU]', '[S2S]', '[NLG]', '')
 

@@ -19,8 +19,22 @@ from typing import Mapping, Sequence
 
 import seqio
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPM_PATH = os.path.join(REPO, 'data', 't5_vocab', 'spiece.model')
+
+
+def _bundled_data_dir() -> str:
+  """The repository's `data/`: installed as `ul2/data/` by a wheel, read in place otherwise.
+
+  A regular `pip install .` copies `data/` into the package (pyproject's `package-dir`); an
+  editable install or a source checkout reads it beside `ul2/`. The package copy is looked at
+  first so that a stray top-level `data/` in site-packages is never taken for ours.
+  """
+  package = os.path.dirname(os.path.abspath(__file__))
+  installed = os.path.join(package, 'data')
+  return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), 'data')
+
+
+DATA_DIR = _bundled_data_dir()
+SPM_PATH = os.path.join(DATA_DIR, 't5_vocab', 'spiece.model')
 EXTRA_IDS = 100
 
 
@@ -28,8 +42,9 @@ EXTRA_IDS = 100
 def get_vocabulary(spm_path: str = SPM_PATH, extra_ids: int = EXTRA_IDS
                    ) -> seqio.SentencePieceVocabulary:
   if not os.path.exists(spm_path):
-    raise FileNotFoundError(f'SentencePiece model {spm_path} not found; it ships with the '
-                            'repository in data/t5_vocab/ (install with pip install -e .).')
+    raise FileNotFoundError(f'SentencePiece model {spm_path} not found. The T5 model ships in '
+                            'the repository\'s data/t5_vocab/: install ul2 from a full checkout '
+                            '(pip install -e . or pip install .), or pass spm_path.')
   return seqio.SentencePieceVocabulary(spm_path, extra_ids=extra_ids)
 
 
