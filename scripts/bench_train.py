@@ -4,6 +4,8 @@ T5ForConditionalGeneration doing the same training step in the same run.
     python scripts/bench_train.py                              # ul2_cpu model, CPU, f32 + bf16
     python scripts/bench_train.py --model=base --batch_size=32 --inputs_length=512 \\
         --targets_length=512 --dtypes=bfloat16 --synthetic --no_torch   # on a GPU: MFU
+    python scripts/bench_train.py --model=large ... --gin.network.Config.remat_policy="'minimal'"
+    bash scripts/bench_gpu.sh                                  # T5 1.1 base + large on one GPU
 
 Both sides run the same architecture (gated GELU or SiLU, untied logits, relative position
 buckets), the same Adafactor (factored, decay 0.8, clipping 1.0, parameter scaling; HF's
@@ -24,6 +26,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -35,6 +38,8 @@ from ul2 import train as train_lib
 
 
 def parse_args(argv=None):
+  """The benchmark's flags; `--gin.NAME=VALUE` bindings (T5X's convention) go to the model."""
+  _, bindings, rest = gin_cli.split_argv(sys.argv[1:] if argv is None else argv)
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--model', default='ul2_cpu', help='a gin_configs/models/*.gin name or path')
   p.add_argument('--batch_size', type=int, default=8)
@@ -49,12 +54,14 @@ def parse_args(argv=None):
   p.add_argument('--peak_flops', type=float, default=None,
                  help='peak FLOP/s per device for MFU (default: known accelerators)')
   p.add_argument('--json', default=None, help='also write the results to this file')
-  return p.parse_args(argv)
+  args = p.parse_args(rest)
+  args.bindings = bindings
+  return args
 
 
-def model_config(name: str, dtype: str) -> network.Config:
+def model_config(name: str, dtype: str, bindings: Sequence[str] = ()) -> network.Config:
   path = name if name.endswith('.gin') else f'models/{name}.gin'
-  gin_cli.parse([path], [f"ACTIVATION_DTYPE='{dtype}'", 'DROPOUT_RATE=0.0'])
+  gin_cli.parse([path], [f"ACTIVATION_DTYPE='{dtype}'", 'DROPOUT_RATE=0.0', *bindings])
   return gin_cli.macro('MODEL_CONFIG')
 
 
@@ -101,7 +108,11 @@ def bench_jax(cfg: network.Config, args, batches) -> dict:
   flops = train_lib.model_flops_per_step(cfg, args.batch_size, args.inputs_length,
                                          args.targets_length)
   peak = args.peak_flops or train_lib.peak_flops(jax.devices()[0])
+  # Accelerators report the allocator's high-water mark; the CPU client reports nothing.
+  memory = jax.devices()[0].memory_stats() or {}
   return {'seconds_per_step': seconds,
+          'peak_memory_gib': memory['peak_bytes_in_use'] / 2**30
+                             if 'peak_bytes_in_use' in memory else None,
           'tokens_per_s': args.batch_size * (args.inputs_length + args.targets_length) / seconds,
           'model_tflops_per_s': flops / seconds / 1e12,
           'mfu': flops / seconds / (peak * steps.mesh.devices.size) if peak else None,
@@ -161,7 +172,7 @@ def bench_torch(cfg: network.Config, args, batches, dtype: str) -> dict:
 
 def main(argv=None):
   args = parse_args(argv)
-  results = {'model': args.model, 'batch_size': args.batch_size,
+  results = {'model': args.model, 'gin_bindings': args.bindings, 'batch_size': args.batch_size,
              'lengths': [args.inputs_length, args.targets_length],
              'device': str(jax.devices()[0].device_kind), 'devices': jax.device_count(),
              'synthetic': args.synthetic, 'runs': {}}
@@ -169,13 +180,16 @@ def main(argv=None):
         f'tokens, {jax.device_count()} x {jax.devices()[0].device_kind}')
   batches = None
   for dtype in args.dtypes.split(','):
-    cfg = model_config(args.model, dtype)
+    cfg = model_config(args.model, dtype, args.bindings)
     if batches is None:
       batches = make_batches(args, cfg.vocab_size, 4)
     entry = {'jax': bench_jax(cfg, args, batches)}
     line = (f'{dtype:>9}  ul2/JAX {entry["jax"]["tokens_per_s"]:>10,.0f} tokens/s '
             f'({entry["jax"]["seconds_per_step"]:.3f} s/step')
-    line += f', MFU {entry["jax"]["mfu"]:.1%})' if entry['jax']['mfu'] else ')'
+    line += f', MFU {entry["jax"]["mfu"]:.1%}' if entry['jax']['mfu'] else ''
+    if entry['jax']['peak_memory_gib']:
+      line += f', peak memory {entry["jax"]["peak_memory_gib"]:.1f} GiB'
+    line += ')'
     if not args.no_torch:
       try:
         entry['torch'] = bench_torch(cfg, args, batches, dtype)

@@ -99,7 +99,10 @@ class Config:
   float32_attention_logits: bool = True  # softmax in float32 even for bfloat16 activations
   layer_norm_epsilon: float = 1e-6
   # Large models: one scanned layer per stack compiles in constant time; remat trades
-  # recomputation for activation memory ('none', 'minimal' or 'full').
+  # recomputation for activation memory ('none', 'minimal' or 'full'). Pair remat with scan:
+  # XLA's compiled memory for T5 1.1 large (batch 32, 512/512, bfloat16, scanned) was 206 GiB
+  # with 'none', 47 with 'minimal', 13 with 'full'; for unscanned layers XLA:CPU schedules the
+  # recomputation early and remat saved nothing (base: 79 -> 78 GiB; scanned 'full': 7 GiB).
   scan_layers: bool = False
   remat_policy: str = 'none'
 
