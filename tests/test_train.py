@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import flax
 import gin
 import jax
 import numpy as np
@@ -120,6 +121,32 @@ def test_one_device_and_eight_devices_train_alike(tmp_path):
                                                         parameter_partitioning_dims=2))):
     result = run(str(tmp_path / name), steps=4, mesh=mesh)
     np.testing.assert_allclose(losses(result), reference, rtol=1e-5, err_msg=name)
+
+
+def test_a_checkpoint_from_a_sharded_run_loads_on_one_device(tmp_path):
+  """Fine-tuning, eval and export often run on fewer devices than pretraining did."""
+  model_dir = str(tmp_path / 'run')
+  result = run(model_dir, steps=2, mesh=partitioning.MeshConfig(
+      data=2, model=4, parameter_partitioning_dims=2))
+  code = ('import sys, jax, numpy as np\n'
+          'from ul2 import interop\n'
+          'assert jax.device_count() == 1\n'
+          'params = interop.load_pretrained(sys.argv[1], interop.read_model_config(sys.argv[1]))\n'
+          'flat = {"/".join(k): v for k, v in '
+          'interop.flax.traverse_util.flatten_dict(params).items()}\n'
+          'np.savez(sys.argv[2], **flat)\n')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  out = tmp_path / 'params.npz'
+  proc = subprocess.run([sys.executable, '-c', code, model_dir, str(out)], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Sharding info not provided' not in proc.stderr
+  loaded = np.load(out)
+  expected = {'/'.join(k): np.asarray(v) for k, v in
+              flax.traverse_util.flatten_dict(result.state.params).items()}
+  assert sorted(loaded.files) == sorted(expected)
+  for name, value in expected.items():
+    np.testing.assert_array_equal(loaded[name], value, err_msg=name)
 
 
 def test_two_processes_on_localhost_match_one_process(tmp_path):

@@ -254,10 +254,17 @@ def load_t5x(path: str, config: network.Config) -> dict:
   if os.path.exists(os.path.join(path, 'checkpoint')):
     params = _load_t5x_tensorstore(path)
   else:
+    import jax
     import orbax.checkpoint as ocp
     if os.path.isdir(os.path.join(path, 'default')):  # a step of an orbax CheckpointManager
       path = os.path.join(path, 'default')
-    restored = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
+    checkpointer = ocp.PyTreeCheckpointer()
+    path = os.path.abspath(path)
+    # Restore as host numpy arrays: the saved shardings name the devices of the run that wrote
+    # the checkpoint (a 2x4 mesh, a pod), which need not exist in this process.
+    tree = checkpointer.metadata(path).item_metadata.tree
+    restored = checkpointer.restore(path, restore_args=jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
     for key in ('target', 'params'):
       if key in restored:
         params = restored[key]
