@@ -18,9 +18,9 @@ import os
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
 import gin_cli  # noqa: E402
+from train import hide_gpus_from_tensorflow  # noqa: E402
 
 
 def load_model(checkpoint: str, gin_files=()):
@@ -65,6 +65,7 @@ def main(argv=None):
   parser.add_argument('--max_examples', type=int, default=None)
   parser.add_argument('--output', default=None, help='folder for results.md and results.json')
   args = parser.parse_args(argv)
+  hide_gpus_from_tensorflow()  # the model runs on the accelerators; TF only reads the data
 
   from tasks import superglue
   from ul2 import evaluation

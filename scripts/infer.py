@@ -15,7 +15,6 @@ import os
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
 import eval as eval_script  # noqa: E402
 
@@ -37,6 +36,7 @@ def main(argv=None, out=sys.stdout):
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--score', default=None, help='print log p(SCORE | input) instead')
   args = parser.parse_args(argv)
+  eval_script.hide_gpus_from_tensorflow()  # the model runs on the accelerators
 
   import jax
   import jax.numpy as jnp

@@ -250,3 +250,20 @@ def test_infer_cli_generates_and_scores(tmp_path):
   for method in ('beam', 'sample'):
     infer_script.main(['--checkpoint', str(tmp_path / 'model'), '--input', 'Hi',
                        '--decode', method, '--max_length', '4'], out=io.StringIO())
+
+
+def test_eval_and_infer_leave_the_accelerators_to_jax():
+  """Only TensorFlow (the data) is kept off GPUs; JAX must still see them to run the model."""
+  import subprocess
+  import sys
+  scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts')
+  env = {k: v for k, v in os.environ.items() if k != 'CUDA_VISIBLE_DEVICES'}
+  env['PYTHONPATH'] = scripts
+  code = ('import os, eval, infer\n'
+          'eval.hide_gpus_from_tensorflow()\n'
+          'import tensorflow as tf\n'
+          'assert "CUDA_VISIBLE_DEVICES" not in os.environ, os.environ["CUDA_VISIBLE_DEVICES"]\n'
+          'assert tf.config.get_visible_devices("GPU") == []\n')
+  proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
