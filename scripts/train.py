@@ -61,11 +61,25 @@ def initialize_distributed(args) -> None:
 
 
 def hide_gpus_from_tensorflow() -> None:
-  """TensorFlow only feeds data: keep it off the accelerators JAX uses."""
+  """TensorFlow only feeds data: keep it off the accelerators JAX uses.
+
+  TensorFlow is imported here first, with the process's stderr muted for the import alone:
+  its C++ runtime prints INFO lines while loading (oneDNN, CUDA stubs), before
+  TF_CPP_MIN_LOG_LEVEL or any other setting can apply. A failed import still raises.
+  """
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
   try:
     import tensorflow as tf
+  except ImportError:
+    return
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+  try:
     tf.config.set_visible_devices([], 'GPU')
-  except (ImportError, RuntimeError):
+  except RuntimeError:  # GPUs already initialised by an earlier TF op: nothing to hide now
     pass
 
 
