@@ -256,15 +256,16 @@ def load_t5x(path: str, config: network.Config) -> dict:
   else:
     import jax
     import orbax.checkpoint as ocp
+    from etils import epath
     if os.path.isdir(os.path.join(path, 'default')):  # a step of an orbax CheckpointManager
       path = os.path.join(path, 'default')
-    checkpointer = ocp.PyTreeCheckpointer()
-    path = os.path.abspath(path)
     # Restore as host numpy arrays: the saved shardings name the devices of the run that wrote
-    # the checkpoint (a 2x4 mesh, a pod), which need not exist in this process.
-    tree = checkpointer.metadata(path).item_metadata.tree
-    restored = checkpointer.restore(path, restore_args=jax.tree.map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+    # the checkpoint (a 2x4 mesh, a pod), which need not exist in this process. The handler,
+    # not a Checkpointer: that would also look for step metadata, which the item folder of a
+    # CheckpointManager step does not hold, and warn.
+    handler, item = ocp.PyTreeCheckpointHandler(), epath.Path(os.path.abspath(path))
+    restored = handler.restore(item, args=ocp.args.PyTreeRestore(restore_args=jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), handler.metadata(item).tree)))
     for key in ('target', 'params'):
       if key in restored:
         params = restored[key]
