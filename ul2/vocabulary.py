@@ -20,7 +20,6 @@ from typing import Mapping, Sequence
 import seqio
 
 
-
 def _bundled_data_dir() -> str:
   """The repository's `data/`: installed as `ul2/data/` by a wheel, read in place otherwise.
 
