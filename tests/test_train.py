@@ -96,6 +96,28 @@ def test_resume_is_exact(tmp_path):
   assert again.start_step == 6 and not again.history
 
 
+def test_resuming_into_a_changed_input_pipeline_is_refused_or_restarted(tmp_path):
+  """A saved input position only means something in the pipeline that produced it."""
+  model_dir = str(tmp_path / 'run')
+  first = run(model_dir, steps=2, checkpoint_every=2, batch_size=16)
+  for change, kwargs in (('batch_size: 16 -> 8', dict(batch_size=8)),
+                         ('seed: 0 -> 1', dict(seed=1))):
+    with pytest.raises(ValueError, match=f"{change}.*resume_input='restart'"):
+      run(model_dir, steps=3, checkpoint_every=2, **kwargs)
+  # Refused before anything was written: the checkpoint is intact and resumes as it was.
+  again = run(model_dir, steps=2, checkpoint_every=2, batch_size=16)
+  assert again.start_step == 2
+  assert_params_equal(again.state.params, first.state.params)
+
+  # 'restart': the restored model continues on the new pipeline's first batch. Its first loss
+  # is that of the step-2 parameters on that batch, as a run started from them computes it.
+  restarted = run(model_dir, steps=3, checkpoint_every=2, batch_size=8, resume_input='restart')
+  assert restarted.start_step == 2 and len(restarted.history) == 1
+  reference = run(str(tmp_path / 'from_step_2'), steps=1, batch_size=8,
+                  init_from=os.path.join(model_dir, 'checkpoints', '2'))
+  assert restarted.history[0]['loss'] == reference.history[0]['loss']
+
+
 def test_an_unfinished_checkpoint_is_not_taken_as_valid(tmp_path):
   run(str(tmp_path), steps=2, checkpoint_every=2, async_checkpointing=False)
   # A save interrupted before orbax finalised it leaves a temporary directory behind.
@@ -195,8 +217,12 @@ def test_two_processes_on_localhost_match_one_process(tmp_path):
                                              rel=1e-5)
   # Each process saved its own input position next to the shared checkpoint.
   assert sorted(os.listdir(tmp_path / 'multi' / 'data' / '4')) == [
-      'process_0.data-00000-of-00001', 'process_0.index',
-      'process_1.data-00000-of-00001', 'process_1.index']
+      'process_0.data-00000-of-00001', 'process_0.index', 'process_0.layout.json',
+      'process_1.data-00000-of-00001', 'process_1.index', 'process_1.layout.json']
+  layouts = [json.loads((tmp_path / 'multi' / 'data' / '4' / f'process_{i}.layout.json')
+                        .read_text()) for i in range(2)]
+  assert [(l['processes'], l['input_shards'], l['shards_of_this_process']) for l in layouts] == [
+      (2, 2, [0]), (2, 2, [1])]
 
 
 def test_microbatches_equal_one_full_batch(tmp_path):

@@ -16,7 +16,7 @@ OPTIMIZER = T.OptimizerConfig(schedule='constant', learning_rate=0.01, warmup_st
 
 def run(model_dir, steps, *, model=TINY, batch_size=8, mesh=partitioning.MeshConfig(),
         devices=None, microbatches=1, input_shards=None, checkpoint_every=1000, batches=None,
-        eval_split='validation', async_checkpointing=True, seed=0):
+        eval_split='validation', async_checkpointing=True, seed=0, **run_options):
   return T.train(
       model=model,
       data=T.DataConfig('ul2_mod_gutenberg', LENGTHS, batch_size=batch_size,
@@ -24,7 +24,7 @@ def run(model_dir, steps, *, model=TINY, batch_size=8, mesh=partitioning.MeshCon
       run=T.TrainConfig(model_dir, steps=steps, microbatches=microbatches, eval_every=1000,
                         eval_batches=2, checkpoint_every=checkpoint_every, log_every=2,
                         progress_bar=False, async_checkpointing=async_checkpointing,
-                        seed=seed),
+                        seed=seed, **run_options),
       optimizer=OPTIMIZER, mesh=mesh, devices=devices, batches=batches, log=lambda _: None)
 
 

@@ -124,12 +124,19 @@ class TrainConfig:
   # Peak FLOP/s of one device for MFU; None looks the device kind up in PEAK_FLOPS.
   peak_flops_per_device: float | None = None
   progress_bar: bool = True
+  # A resumed run restores its input position only into the same input pipeline (task,
+  # lengths, batch size, shards, seed...). 'exact': any change is an error; 'restart': keep
+  # the restored model and optimizer state and start the changed pipeline from its beginning.
+  resume_input: str = 'exact'
 
   def __post_init__(self):
     for name in ('steps', 'microbatches', 'eval_every', 'checkpoint_every', 'log_every',
                  'keep_checkpoints'):
       if getattr(self, name) < 1:
         raise ValueError(f'TrainConfig.{name} must be >= 1, got {getattr(self, name)}.')
+    if self.resume_input not in ('exact', 'restart'):
+      raise ValueError("TrainConfig.resume_input must be 'exact' or 'restart', got "
+                       f'{self.resume_input!r}.')
     if not (self.loss_normalizing_factor == 'num_real_target_tokens'
             or isinstance(self.loss_normalizing_factor, (int, float))):
       raise ValueError("TrainConfig.loss_normalizing_factor must be 'num_real_target_tokens' "
@@ -389,6 +396,15 @@ def input_shards(data: DataConfig) -> list[int]:
   return list(range(first, first + per_process))
 
 
+def input_layout(data: DataConfig, seed: int) -> dict[str, Any]:
+  """Everything that decides which examples this process's training pipelines yield, in order."""
+  return {'task': data.task, 'feature_lengths': dict(data.feature_lengths),
+          'batch_size': data.batch_size, 'pack': data.pack, 'shuffle': data.shuffle,
+          'use_cached': data.use_cached, 'seed': seed, 'processes': jax.process_count(),
+          'input_shards': data.input_shards or jax.process_count(),
+          'shards_of_this_process': input_shards(data)}
+
+
 def make_datasets(data: DataConfig, split: str, seed: int, repeat: bool,
                   shuffle: bool) -> list:
   """One tf.data pipeline per input shard of this process, each batched to its rows."""
@@ -422,9 +438,12 @@ class HostBatches:
   consumed instead and are replayed to it on restore: slower to resume, equally exact.
   """
 
-  def __init__(self, datasets: Sequence):
+  def __init__(self, datasets: Sequence, layout: Mapping[str, Any] | None = None):
     self.iterators = [iter(ds) for ds in datasets]
     self.consumed = 0
+    # What the pipelines were built from (`input_layout`); saved beside the position, since a
+    # position only means something in the pipeline that produced it.
+    self.layout = json.loads(json.dumps(dict(layout or {})))
 
   def __iter__(self):
     return self
@@ -437,6 +456,8 @@ class HostBatches:
   def save(self, path: str) -> None:
     import tensorflow as tf
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + '.layout.json', 'w') as f:
+      json.dump(self.layout, f, indent=1)
     try:
       tf.train.Checkpoint(**self._named()).write(path)
     except tf.errors.FailedPreconditionError:  # e.g. "PyFunc is stateful"
@@ -446,6 +467,24 @@ class HostBatches:
   @staticmethod
   def saved(path: str) -> bool:
     return os.path.exists(path + '.index') or os.path.exists(path + '.json')
+
+  def layout_changes(self, path: str) -> list[str]:
+    """The layout fields that differ from those the position at `path` was saved with.
+
+    >>> batches = HostBatches([], {'task': 'ul2_mod_c4', 'batch_size': 128})
+    >>> saved = {'task': 'ul2_mod_c4', 'batch_size': 64}
+    >>> batches._describe_changes(saved)
+    ['batch_size: 64 -> 128']
+    """
+    if not os.path.exists(path + '.layout.json'):
+      return []  # written before layouts were saved: nothing to compare
+    with open(path + '.layout.json') as f:
+      return self._describe_changes(json.load(f))
+
+  def _describe_changes(self, saved: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(saved) | set(self.layout))
+    return [f'{k}: {saved.get(k)} -> {self.layout.get(k)}' for k in keys
+            if saved.get(k) != self.layout.get(k)]
 
   def restore(self, path: str) -> None:
     import tensorflow as tf
@@ -512,7 +551,8 @@ class Checkpoints:
         shutil.rmtree(os.path.join(self.data_dir, name), ignore_errors=True)
 
   def restore(self, step: int, abstract: TrainState, per_layer_shardings: Any,
-              data: HostBatches | None) -> TrainState:
+              data: HostBatches | None, resume_input: str = 'exact',
+              log: Callable[[str], None] = print) -> TrainState:
     params_abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         network.unstack_layers(abstract.params, self.model_cfg),
@@ -523,14 +563,29 @@ class Checkpoints:
     if self.model_cfg.scan_layers:
       params = network.stack_layers(params, self.model_cfg)
     if data is not None:
-      path = self._data_path(step)
-      if not HostBatches.saved(path):
-        raise FileNotFoundError(
-            f'Checkpoint step {step} has no input position for process '
-            f'{jax.process_index()} at {path}; was it written with a different number of '
-            'processes? Start a fresh model_dir or restore with the same process count.')
-      data.restore(path)
+      self._restore_position(step, data, resume_input, log)
     return TrainState(restored['step'], params, restored['opt_state'])
+
+  def _restore_position(self, step: int, data: HostBatches, resume_input: str,
+                        log: Callable[[str], None]) -> None:
+    path = self._data_path(step)
+    if not HostBatches.saved(path):
+      changes = [f'no input position for process {jax.process_index()} at {path} (written '
+                 'by fewer processes?)']
+    else:
+      changes = data.layout_changes(path)
+    if not changes:
+      data.restore(path)
+    elif resume_input == 'restart':
+      log(f'The input pipeline changed since step {step} ({"; ".join(changes)}): it starts '
+          'from its beginning (TrainConfig.resume_input=restart).')
+    else:
+      raise ValueError(
+          f'Cannot resume the input position of checkpoint step {step}: the input pipeline '
+          f'changed ({"; ".join(changes)}). Run with the settings it was written with, or '
+          "set TrainConfig.resume_input='restart' (flag: --gin.train.TrainConfig."
+          """resume_input="'restart'") to keep the model and optimizer state and start the """
+          'new pipeline from its beginning.')
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -644,7 +699,8 @@ def train(*, model: network.Config, data: DataConfig, run: TrainConfig,
   host_batches = None
   if batches is None:
     host_batches = HostBatches(make_datasets(data, 'train', run.seed, repeat=True,
-                                             shuffle=data.shuffle))
+                                             shuffle=data.shuffle),
+                               input_layout(data, run.seed))
     batches = host_batches
 
   # --- State: fresh, or resumed with its input position --------------------------------------
@@ -652,7 +708,8 @@ def train(*, model: network.Config, data: DataConfig, run: TrainConfig,
   latest = checkpoints.latest_step()
   if latest is not None:
     state = checkpoints.restore(latest, abstract_state(net, tx, shardings),
-                                steps.per_layer_param_shardings, host_batches)
+                                steps.per_layer_param_shardings, host_batches,
+                                run.resume_input, log)
     log(f'Resumed from {checkpoints.directory}/{latest} (step {int(state.step)}).')
   elif run.init_from:
     state = _state_from_pretrained(run.init_from, model, steps)
