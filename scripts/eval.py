@@ -30,7 +30,7 @@ def load_model(checkpoint: str, gin_files=()):
     gin_cli.parse(gin_files)
     config = gin_cli.macro('MODEL_CONFIG')
   elif os.path.exists(os.path.join(checkpoint, 'config.json')):
-    _, config = interop.load_hf(checkpoint)
+    config = interop.read_hf_config(checkpoint)  # the weights are read once, below
   else:
     config = interop.read_model_config(checkpoint)
   config = dataclasses.replace(config, dropout_rate=0.0)

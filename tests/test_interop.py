@@ -13,6 +13,7 @@ import tensorstore as ts
 import torch
 import transformers
 
+import eval as eval_script
 import export_hf
 import train_setup
 from ul2 import decoding, interop, network
@@ -82,6 +83,10 @@ def test_import_of_export_is_bitwise_identity(tmp_path, name):
   loaded, loaded_cfg = interop.load_hf(str(tmp_path))
   assert loaded_cfg == dataclasses.replace(cfg, dropout_rate=0.0)
   assert_trees_equal(loaded, params)
+  # eval.py / infer.py: the config from config.json alone, the weights through load_pretrained.
+  model, eval_params = eval_script.load_model(str(tmp_path))
+  assert model.config == loaded_cfg
+  assert_trees_equal(eval_params, params)
 
 
 def test_scanned_parameters_export_like_per_layer_ones(tmp_path):

@@ -36,6 +36,8 @@ from ul2 import network, vocabulary
 
 _HF_ACTIVATIONS = {('gelu', 'linear'): 'gated-gelu', ('silu', 'linear'): 'gated-silu',
                    ('swish', 'linear'): 'gated-silu', ('relu',): 'relu', ('gelu',): 'gelu'}
+# HF's name -> ours; 'swish' is jax's alias of 'silu', which is the name we read back.
+_FROM_HF_ACTIVATIONS = {hf: ours for ours, hf in _HF_ACTIVATIONS.items() if ours[0] != 'swish'}
 _ATTENTION = {'query': 'q', 'key': 'k', 'value': 'v', 'out': 'o'}
 
 
@@ -81,16 +83,14 @@ def hf_config(config: network.Config) -> dict[str, Any]:
 def config_from_hf(hf: Mapping[str, Any], **overrides) -> network.Config:
   """A `network.Config` from an HF T5 `config.json` (T5 v1.1, UL2, flan-t5 ...)."""
   proj = hf.get('feed_forward_proj', 'relu')
-  activations = {'gated-gelu': ('gelu', 'linear'), 'gated-silu': ('silu', 'linear'),
-                 'relu': ('relu',), 'gelu': ('gelu',)}
-  if proj not in activations:
+  if proj not in _FROM_HF_ACTIVATIONS:
     raise ValueError(f"config.json feed_forward_proj {proj!r} is not supported; expected one "
-                     f'of {sorted(activations)}.')
+                     f'of {sorted(_FROM_HF_ACTIVATIONS)}.')
   fields = dict(
       vocab_size=hf['vocab_size'], emb_dim=hf['d_model'], num_heads=hf['num_heads'],
       head_dim=hf['d_kv'], mlp_dim=hf['d_ff'], num_encoder_layers=hf['num_layers'],
       num_decoder_layers=hf.get('num_decoder_layers') or hf['num_layers'],
-      mlp_activations=activations[proj],
+      mlp_activations=_FROM_HF_ACTIVATIONS[proj],
       logits_via_embedding=bool(hf.get('tie_word_embeddings', True)),
       relative_attention_num_buckets=hf.get('relative_attention_num_buckets', 32),
       relative_attention_max_distance=hf.get('relative_attention_max_distance', 128),
@@ -189,16 +189,21 @@ def save_hf(params: Any, config: network.Config, output_dir: str,
                'pad_token': '<pad>'}, f, indent=2)
 
 
-def load_hf(directory: str, **overrides) -> tuple[dict, network.Config]:
-  """An HF T5 / UL2 directory on disk (safetensors) -> (our parameters, config). No hub."""
-  from safetensors.numpy import load_file
-
+def read_hf_config(directory: str, **overrides) -> network.Config:
+  """The config of an HF T5 / UL2 directory on disk (its config.json), without the weights."""
   config_path = os.path.join(directory, 'config.json')
   if not os.path.exists(config_path):
     raise FileNotFoundError(f'{config_path} not found: expected a Hugging Face model directory '
                             '(config.json + model.safetensors).')
   with open(config_path) as f:
-    config = config_from_hf(json.load(f), **overrides)
+    return config_from_hf(json.load(f), **overrides)
+
+
+def load_hf(directory: str, **overrides) -> tuple[dict, network.Config]:
+  """An HF T5 / UL2 directory on disk (safetensors) -> (our parameters, config). No hub."""
+  from safetensors.numpy import load_file
+
+  config = read_hf_config(directory, **overrides)
   files = sorted(f for f in os.listdir(directory) if f.endswith('.safetensors'))
   if not files:
     raise FileNotFoundError(f'No *.safetensors in {directory}; convert pytorch_model.bin with '
