@@ -70,9 +70,9 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
     logits = jnp.where(logits < kth, NEG_INF, logits)
   if top_p < 1.0:
     sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
     # The smallest prefix reaching top_p: a token stays if the mass before it is < top_p.
-    keep_sorted = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
+    keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
     threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < threshold, NEG_INF, logits)
   return logits
@@ -216,22 +216,32 @@ def beam_search(model: network.Transformer, params: Any, encoder_input_tokens: j
 # Scoring
 # ----------------------------------------------------------------------------------------------
 
+def _teacher_forced_log_likelihood(model, params, encoded, encoder_input_tokens, targets):
+  """[rows, Lt] targets given the rows' encodings -> [rows] natural-log likelihoods."""
+  decoder_inputs = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+  logits = model.apply({'params': params}, encoded, encoder_input_tokens, decoder_inputs,
+                       targets, method='decode')
+  return network.sequence_log_likelihood(logits, targets)
+
+
 @functools.partial(jax.jit, static_argnames=('model',))
 def score(model: network.Transformer, params: Any, encoder_input_tokens: jax.Array,
           targets: jax.Array) -> jax.Array:
   """Natural-log likelihood of each row's `targets` (EOS included, padding excluded)."""
-  decoder_inputs = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
-  logits = model.apply({'params': params}, encoder_input_tokens, decoder_inputs, targets)
-  return network.sequence_log_likelihood(logits, targets)
+  encoded, encoder_input_tokens = _encode(model, params, encoder_input_tokens)
+  return _teacher_forced_log_likelihood(model, params, encoded, encoder_input_tokens, targets)
 
 
+@functools.partial(jax.jit, static_argnames=('model',))
 def rank_classification(model: network.Transformer, params: Any,
                         encoder_input_tokens: jax.Array, candidates: jax.Array
                         ) -> tuple[jax.Array, jax.Array]:
   """Scores each input's candidate answers: inputs [batch, Li], candidates [batch, C, Lt]
   (token ids ending in EOS, padded with 0) -> (log-likelihoods [batch, C], best [batch])."""
   batch, count, length = candidates.shape
-  inputs = jnp.repeat(encoder_input_tokens, count, axis=0)
-  scores = score(model, params, inputs, candidates.reshape(batch * count, length))
+  # Each input is encoded once; its encodings are repeated for its C candidates.
+  encoded, inputs = _encode(model, params, encoder_input_tokens, count)  # [batch * C, Li, ...]
+  scores = _teacher_forced_log_likelihood(model, params, encoded, inputs,
+                                          candidates.reshape(batch * count, length))
   scores = scores.reshape(batch, count)
   return scores, jnp.argmax(scores, axis=-1)
