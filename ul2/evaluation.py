@@ -53,7 +53,8 @@ def _pad(rows: Sequence[Sequence[int]], length: int) -> np.ndarray:
 def few_shot_inputs(vocab, query: str, shots: Sequence[tuple[str, str]], length: int
                     ) -> list[int]:
   """Token ids of `mode shot_1_input shot_1_target ... query` (+ EOS), at most `length`: the
-  oldest shots are cut first; the mode token and the query are always kept.
+  oldest shots are cut first; the mode token and the query are kept whole while they fit
+  (a query longer than that loses its start, and the mode token, like any truncated input).
 
   The texts are the task's pretokenized inputs, each starting with the mode token, which is
   written once, first.
@@ -65,9 +66,8 @@ def few_shot_inputs(vocab, query: str, shots: Sequence[tuple[str, str]], length:
   for shot_input, shot_target in shots:
     context += vocab.encode(f'{_strip_mode(shot_input)[1]} {shot_target}')
   room = max(length - len(prefix) - len(query_ids), 0)
-  context = context[len(context) - room:] if room else []
-  return (prefix + context + query_ids)[-length:] if len(prefix + query_ids) > length else (
-      prefix + context + query_ids)
+  context = context[max(len(context) - room, 0):]  # the most recent `room` tokens
+  return (prefix + context + query_ids)[-length:]  # cuts only a query that alone is too long
 
 
 def evaluate(model: network.Transformer, params: Any, task_name: str, *,

@@ -384,10 +384,15 @@ def _check_task(name: str):
                      'module that registers it (gin: `import tasks`).') from None
 
 
+def total_input_shards(data: DataConfig) -> int:
+  """The logical input shards of all processes together (default: one per process)."""
+  return data.input_shards or jax.process_count()
+
+
 def input_shards(data: DataConfig) -> list[int]:
   """The logical input shards this process reads."""
   processes = jax.process_count()
-  total = data.input_shards or processes
+  total = total_input_shards(data)
   if total % processes:
     raise ValueError(f'DataConfig.input_shards={total} must be a multiple of the '
                      f'{processes} processes.')
@@ -401,8 +406,7 @@ def input_layout(data: DataConfig, seed: int) -> dict[str, Any]:
   return {'task': data.task, 'feature_lengths': dict(data.feature_lengths),
           'batch_size': data.batch_size, 'pack': data.pack, 'shuffle': data.shuffle,
           'use_cached': data.use_cached, 'seed': seed, 'processes': jax.process_count(),
-          'input_shards': data.input_shards or jax.process_count(),
-          'shards_of_this_process': input_shards(data)}
+          'input_shards': total_input_shards(data), 'shards_of_this_process': input_shards(data)}
 
 
 def make_datasets(data: DataConfig, split: str, seed: int, repeat: bool,
@@ -412,7 +416,7 @@ def make_datasets(data: DataConfig, split: str, seed: int, repeat: bool,
 
   task = _check_task(data.task)
   shards = input_shards(data)
-  total = data.input_shards or jax.process_count()
+  total = total_input_shards(data)
   rows = data.batch_size // total
   if data.batch_size % total:
     raise ValueError(f'Batch size {data.batch_size} must be divisible by the {total} input '
@@ -442,7 +446,8 @@ class HostBatches:
     self.iterators = [iter(ds) for ds in datasets]
     self.consumed = 0
     # What the pipelines were built from (`input_layout`); saved beside the position, since a
-    # position only means something in the pipeline that produced it.
+    # position only means something in the pipeline that produced it. Kept as JSON reads it
+    # back (tuples as lists), so that it compares equal to a saved copy.
     self.layout = json.loads(json.dumps(dict(layout or {})))
 
   def __iter__(self):
@@ -469,19 +474,18 @@ class HostBatches:
     return os.path.exists(path + '.index') or os.path.exists(path + '.json')
 
   def layout_changes(self, path: str) -> list[str]:
-    """The layout fields that differ from those the position at `path` was saved with.
-
-    >>> batches = HostBatches([], {'task': 'ul2_mod_c4', 'batch_size': 128})
-    >>> saved = {'task': 'ul2_mod_c4', 'batch_size': 64}
-    >>> batches._describe_changes(saved)
-    ['batch_size: 64 -> 128']
-    """
+    """The layout fields that differ from those the position at `path` was saved with."""
     if not os.path.exists(path + '.layout.json'):
       return []  # written before layouts were saved: nothing to compare
     with open(path + '.layout.json') as f:
       return self._describe_changes(json.load(f))
 
   def _describe_changes(self, saved: Mapping[str, Any]) -> list[str]:
+    """
+    >>> batches = HostBatches([], {'task': 'ul2_mod_c4', 'batch_size': 128})
+    >>> batches._describe_changes({'task': 'ul2_mod_c4', 'batch_size': 64})
+    ['batch_size: 64 -> 128']
+    """
     keys = sorted(set(saved) | set(self.layout))
     return [f'{k}: {saved.get(k)} -> {self.layout.get(k)}' for k in keys
             if saved.get(k) != self.layout.get(k)]
