@@ -32,6 +32,8 @@ import jax
 import numpy as np
 
 import gin_cli
+from ul2 import data as data_lib
+from ul2 import flops as flops_lib
 from ul2 import network
 from ul2 import partitioning
 from ul2 import train as train_lib
@@ -80,11 +82,11 @@ def make_batches(args, vocab_size: int, count: int) -> list[dict[str, np.ndarray
                   'decoder_loss_weights': np.ones_like(targets, np.float32)})
     return out
   import tasks  # noqa: F401  (TensorFlow and seqio: only without --synthetic)
-  data = train_lib.DataConfig('ul2_mod_gutenberg', {'inputs': args.inputs_length,
-                                                    'targets': args.targets_length},
-                              batch_size=args.batch_size, pack=False)
-  batches = train_lib.HostBatches(train_lib.make_datasets(data, 'train', 0, repeat=True,
-                                                          shuffle=False))
+  data = data_lib.DataConfig('ul2_mod_gutenberg', {'inputs': args.inputs_length,
+                                                   'targets': args.targets_length},
+                             batch_size=args.batch_size, pack=False)
+  batches = data_lib.HostBatches(data_lib.make_datasets(data, 'train', 0, repeat=True,
+                                                        shuffle=False))
   return [next(batches) for _ in range(count)]
 
 
@@ -92,31 +94,30 @@ def bench_jax(cfg: network.Config, args, batches) -> dict:
   run = train_lib.TrainConfig(tempfile.mkdtemp(), steps=10_000, progress_bar=False)
   optimizer = train_lib.OptimizerConfig(schedule='constant', learning_rate=0.01,
                                         warmup_steps=0)
-  steps = train_lib.build_steps(cfg, optimizer, run,
-                                partitioning.MeshConfig(model=args.model_parallel))
-  partitioning.check_batch_size(args.batch_size, steps.mesh)
-  state = steps.init(jax.random.key(0))
-  device_batches = [partitioning.global_batch(b, steps.mesh) for b in batches]
+  compiled = train_lib.compile_run(cfg, optimizer, run,
+                                   partitioning.MeshConfig(model=args.model_parallel))
+  partitioning.check_batch_size(args.batch_size, compiled.mesh)
+  state = compiled.init(jax.random.key(0))
+  device_batches = [partitioning.global_batch(b, compiled.mesh) for b in batches]
   for i in range(args.warmup):
-    state, metrics = steps.train_step(state, device_batches[i % len(device_batches)])
+    state, metrics = compiled.train_step(state, device_batches[i % len(device_batches)])
   jax.block_until_ready(metrics)
   start = time.perf_counter()
   for i in range(args.steps):
-    state, metrics = steps.train_step(state, device_batches[i % len(device_batches)])
+    state, metrics = compiled.train_step(state, device_batches[i % len(device_batches)])
   jax.block_until_ready(metrics)
   seconds = (time.perf_counter() - start) / args.steps
-  flops = train_lib.model_flops_per_step(cfg, args.batch_size, args.inputs_length,
-                                         args.targets_length)
-  peak = args.peak_flops or train_lib.peak_flops(jax.devices()[0])
+  flops = flops_lib.flops_per_step(cfg, args.batch_size, args.inputs_length,
+                                   args.targets_length)
+  rates = flops_lib.throughput(
+      flops, args.batch_size * (args.inputs_length + args.targets_length), seconds,
+      compiled.mesh.devices.size, args.peak_flops or flops_lib.peak_flops(jax.devices()[0]))
   # Accelerators report the allocator's high-water mark; the CPU client reports nothing.
   memory = jax.devices()[0].memory_stats() or {}
   return {'seconds_per_step': seconds,
           'peak_memory_gib': memory['peak_bytes_in_use'] / 2**30
                              if 'peak_bytes_in_use' in memory else None,
-          'tokens_per_s': args.batch_size * (args.inputs_length + args.targets_length) / seconds,
-          'model_tflops_per_s': flops / seconds / 1e12,
-          'mfu': flops / seconds / (peak * steps.mesh.devices.size) if peak else None,
-          'final_loss': float(metrics['loss'])}
+          **rates, 'final_loss': float(metrics['loss'])}
 
 
 def bench_torch(cfg: network.Config, args, batches, dtype: str) -> dict:

@@ -12,7 +12,6 @@ config comes from model_config.json / config.json or `--gin_file=models/<size>.g
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -20,21 +19,7 @@ import sys
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import gin_cli  # noqa: E402
-from train import hide_gpus_from_tensorflow  # noqa: E402
-
-
-def load_model(checkpoint: str, gin_files=()):
-  """(model, params) from any supported checkpoint."""
-  from ul2 import interop, network
-  if gin_files:
-    gin_cli.parse(gin_files)
-    config = gin_cli.macro('MODEL_CONFIG')
-  elif os.path.exists(os.path.join(checkpoint, 'config.json')):
-    config = interop.read_hf_config(checkpoint)  # the weights are read once, below
-  else:
-    config = interop.read_model_config(checkpoint)
-  config = dataclasses.replace(config, dropout_rate=0.0)
-  return network.Transformer(config), interop.load_pretrained(checkpoint, config)
+from ul2 import data, vocabulary  # noqa: E402
 
 
 def results_table(results, average) -> str:
@@ -57,7 +42,8 @@ def main(argv=None):
   parser.add_argument('--split', default='validation')
   parser.add_argument('--method', choices=('auto', 'decode', 'rank'), default='auto')
   parser.add_argument('--few_shot', type=int, default=0)
-  parser.add_argument('--mode', default='[NLU]', help="'[NLU]', '[S2S]', '[NLG]' or ''")
+  parser.add_argument('--mode', default=vocabulary.NLU,
+                      help=f"one of {', '.join(vocabulary.MODE_TOKENS)} or '' (none)")
   parser.add_argument('--data_dir', default=None, help='official SuperGLUE jsonl folders')
   parser.add_argument('--inputs_length', type=int, default=512)
   parser.add_argument('--targets_length', type=int, default=16)
@@ -65,13 +51,18 @@ def main(argv=None):
   parser.add_argument('--max_examples', type=int, default=None)
   parser.add_argument('--output', default=None, help='folder for results.md and results.json')
   args = parser.parse_args(argv)
-  hide_gpus_from_tensorflow()  # the model runs on the accelerators; TF only reads the data
+  data.hide_accelerators_from_tensorflow()  # the model runs on the accelerators
 
   from tasks import superglue
-  from ul2 import evaluation
-  superglue.register_superglue(args.data_dir, mode=args.mode)
-  checkpoint = os.path.join(args.checkpoint, 'best') if args.best else args.checkpoint
-  model, params = load_model(checkpoint, args.gin_file)
+  from ul2 import checkpoints, evaluation
+  try:
+    mode = vocabulary.check_mode(args.mode, '--mode')
+  except ValueError as e:
+    parser.error(str(e))
+  superglue.register_superglue(args.data_dir, mode=mode)
+  checkpoint = (os.path.join(args.checkpoint, checkpoints.BEST) if args.best
+                else args.checkpoint)
+  model, params = checkpoints.load_model(checkpoint, gin_cli.model_config(args.gin_file))
   lengths = {'inputs': args.inputs_length, 'targets': args.targets_length}
   results = []
   for task in [t.strip() for t in args.tasks.split(',') if t.strip()]:

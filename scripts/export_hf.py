@@ -16,14 +16,7 @@ import sys
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import gin_cli  # noqa: E402
-from ul2 import interop  # noqa: E402
-
-
-def model_config(args):
-  if args.gin_file:
-    gin_cli.parse(args.gin_file)
-    return gin_cli.macro('MODEL_CONFIG')
-  return interop.read_model_config(args.checkpoint)
+from ul2 import checkpoints, interop  # noqa: E402
 
 
 def main(argv=None):
@@ -33,11 +26,9 @@ def main(argv=None):
   parser.add_argument('--gin_file', action='append', default=[],
                       help='model gin file, when the checkpoint has no model_config.json')
   args = parser.parse_args(argv)
-  config = model_config(args)
-  step_dir = interop.resolve_checkpoint(args.checkpoint)
-  params = interop.load_t5x(step_dir, config)
+  params, config = checkpoints.load(args.checkpoint, gin_cli.model_config(args.gin_file))
   interop.save_hf(params, config, args.output)
-  print(f'Exported {step_dir} to {args.output} (T5ForConditionalGeneration, '
+  print(f'Exported {args.checkpoint} to {args.output} (T5ForConditionalGeneration, '
         f'{interop.hf_config(config)["feed_forward_proj"]}, tie_word_embeddings='
         f'{config.logits_via_embedding}).')
 

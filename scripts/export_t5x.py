@@ -17,8 +17,8 @@ import sys
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
-import export_hf  # noqa: E402
-from ul2 import interop  # noqa: E402
+import gin_cli  # noqa: E402
+from ul2 import checkpoints, interop  # noqa: E402
 
 
 def main(argv=None):
@@ -27,11 +27,10 @@ def main(argv=None):
   parser.add_argument('--output', required=True)
   parser.add_argument('--gin_file', action='append', default=[])
   args = parser.parse_args(argv)
-  config = export_hf.model_config(args)
-  step_dir = interop.resolve_checkpoint(args.checkpoint)
-  params = interop.load_t5x(step_dir, config)
-  step = int(os.path.basename(step_dir)) if os.path.basename(step_dir).isdigit() else 0
-  out = interop.save_t5x_tensorstore(params, config, args.output, step)
+  params, config = checkpoints.load(args.checkpoint, gin_cli.model_config(args.gin_file))
+  step_dir = os.path.basename(checkpoints.resolve_checkpoint(args.checkpoint))
+  out = interop.save_t5x_tensorstore(params, config, args.output,
+                                     int(step_dir) if step_dir.isdigit() else 0)
   print(f'Wrote {out} (T5X tensorstore layout).')
 
 

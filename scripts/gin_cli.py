@@ -3,7 +3,7 @@
 The library (`ul2/`) never imports gin. Gin files use `dynamic_registration`, so they configure
 `ul2` functions and dataclasses directly; scripts call `parse` and then read the macros they need.
 
-    python scripts/forward.py --gin_file=models/tiny.gin --gin.network.Config.dropout_rate=0.1
+    python scripts/train.py --gin_file=quickstart.gin --gin.TRAIN_STEPS=1000
 """
 
 from __future__ import annotations
@@ -48,6 +48,15 @@ def macro(name: str) -> Any:
   if isinstance(value, gin.config.ConfigurableReference):
     return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
   return value
+
+
+def model_config(gin_files: Sequence[str], bindings: Sequence[str] = ()):
+  """The `network.Config` that model gin files (`models/<size>.gin`) set as MODEL_CONFIG, or
+  None without files: the checkpoint's own config is used then."""
+  if not gin_files:
+    return None
+  parse(gin_files, bindings)
+  return macro('MODEL_CONFIG')
 
 
 def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:

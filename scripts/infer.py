@@ -16,7 +16,8 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-import eval as eval_script  # noqa: E402
+import gin_cli  # noqa: E402
+from ul2 import data, vocabulary  # noqa: E402
 
 
 def main(argv=None, out=sys.stdout):
@@ -24,8 +25,8 @@ def main(argv=None, out=sys.stdout):
   parser.add_argument('--checkpoint', required=True)
   parser.add_argument('--gin_file', action='append', default=[])
   parser.add_argument('--input', required=True)
-  parser.add_argument('--mode', default='', help="mode token to prepend: '[NLU]', '[S2S]', "
-                                                 "'[NLG]' or '' (none)")
+  parser.add_argument('--mode', default='', help='mode token to prepend: one of '
+                      f"{', '.join(vocabulary.MODE_TOKENS)} or '' (none)")
   parser.add_argument('--decode', choices=('greedy', 'beam', 'sample'), default='greedy')
   parser.add_argument('--max_length', type=int, default=64)
   parser.add_argument('--beam_size', type=int, default=4)
@@ -36,30 +37,36 @@ def main(argv=None, out=sys.stdout):
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--score', default=None, help='print log p(SCORE | input) instead')
   args = parser.parse_args(argv)
-  eval_script.hide_gpus_from_tensorflow()  # the model runs on the accelerators
+  data.hide_accelerators_from_tensorflow()  # the model runs on the accelerators
 
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from ul2 import decoding, network, vocabulary
+  from ul2 import checkpoints, decoding, network
 
-  model, params = eval_script.load_model(args.checkpoint, args.gin_file)
+  try:
+    mode = vocabulary.check_mode(args.mode, '--mode')
+  except ValueError as e:
+    parser.error(str(e))
+  model, params = checkpoints.load_model(args.checkpoint, gin_cli.model_config(args.gin_file))
   vocab = vocabulary.get_vocabulary()
-  text = f'{args.mode} {args.input}' if args.mode else args.input
-  inputs = jnp.asarray([vocab.encode(text) + [network.EOS_ID]], jnp.int32)
+  inputs = jnp.asarray([vocab.encode(vocabulary.with_mode(args.input, mode)) + [network.EOS_ID]],
+                       jnp.int32)
   if args.score is not None:
     targets = jnp.asarray([vocab.encode(args.score) + [network.EOS_ID]], jnp.int32)
     value = float(decoding.score(model, params, inputs, targets)[0])
     print(f'{value:.4f}', file=out)
     return value
   if args.decode == 'greedy':
-    ids = decoding.greedy(model, params, inputs, args.max_length)[0]
+    ids = decoding.greedy(model, params, inputs, max_decode_length=args.max_length)[0]
   elif args.decode == 'beam':
-    ids = decoding.beam_search(model, params, inputs, args.beam_size, args.max_length,
-                               args.alpha)[0][0, 0]
+    sequences, _ = decoding.beam_search(model, params, inputs, beam_size=args.beam_size,
+                                        max_decode_length=args.max_length, alpha=args.alpha)
+    ids = sequences[0, 0]
   else:
-    ids = decoding.sample(model, params, inputs, jax.random.key(args.seed), args.max_length,
-                          args.temperature, args.top_k, args.top_p)[0]
+    ids = decoding.sample(model, params, inputs, jax.random.key(args.seed),
+                          max_decode_length=args.max_length, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p)[0]
   ids = [int(i) for i in np.asarray(ids)]
   ids = ids[:ids.index(network.EOS_ID)] if network.EOS_ID in ids else ids
   text = vocabulary.render([i for i in ids if i], vocab)

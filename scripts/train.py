@@ -60,49 +60,24 @@ def initialize_distributed(args) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def hide_gpus_from_tensorflow() -> None:
-  """TensorFlow only feeds data: keep it off the accelerators JAX uses.
-
-  TensorFlow is imported here first, with the process's stderr muted for the import alone:
-  its C++ runtime prints INFO lines while loading (oneDNN, CUDA stubs), before
-  TF_CPP_MIN_LOG_LEVEL or any other setting can apply. A failed import still raises.
-  """
-  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-  os.dup2(devnull, 2)
-  try:
-    import tensorflow as tf
-  except ImportError:
-    return
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(devnull)
-  try:
-    tf.config.set_visible_devices([], 'GPU')
-  except RuntimeError:  # GPUs already initialised by an earlier TF op: nothing to hide now
-    pass
-
-
 def main(argv=None):
   gin_files, bindings, args = parse_args(sys.argv[1:] if argv is None else argv)
   initialize_distributed(args)
-  hide_gpus_from_tensorflow()
+  from ul2 import data
+  data.hide_accelerators_from_tensorflow()  # the model runs on the accelerators
   import gin
   import jax
+  from ul2 import checkpoints
   from ul2 import train as train_lib
 
   gin_cli.parse(gin_files, bindings)
   model_dir = gin_cli.macro('MODEL_DIR')
-  if jax.process_index() == 0:
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, 'config.gin'), 'w') as f:
-      f.write(gin.config_str())
+  given = checkpoints.write_gin_config(model_dir, gin.config_str())
   result = gin.get_configurable(train_lib.train)()
+  # The operative config: every parameter the run actually used, with its value.
+  checkpoints.write_gin_config(model_dir, gin.operative_config_str(), operative=True)
   if jax.process_index() == 0:
-    # The operative config: every parameter the run actually used, with its value.
-    with open(os.path.join(model_dir, 'operative_config.gin'), 'w') as f:
-      f.write(gin.operative_config_str())
-    print(f'Config: {os.path.join(model_dir, "config.gin")} and operative_config.gin')
+    print(f'Config: {given} and {checkpoints.OPERATIVE_CONFIG_GIN}')
   return result
 
 

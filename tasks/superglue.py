@@ -34,7 +34,6 @@ from ul2 import vocabulary
 
 BUNDLED_DIR = os.path.join(vocabulary.DATA_DIR, 'superglue')
 DIR_ENV = 'UL2_SUPERGLUE_DIR'
-MODES = ('[NLU]', '[S2S]', '[NLG]', '')
 
 # Task -> (folder, file stem per split). The diagnostics only have a test set (no labels in
 # the official release; AX-b/AX-g have labels).
@@ -328,7 +327,7 @@ def _prepend_mode(mode: str):
   return prepend
 
 
-def register_superglue(data_dir: str | None = None, mode: str = '[NLU]',
+def register_superglue(data_dir: str | None = None, mode: str = vocabulary.NLU,
                        hf_dir: Mapping[str, str] | None = None, prefix: str = 'superglue'
                        ) -> list[str]:
   """Registers `<prefix>_<task>` for every task and the `<prefix>` training mixture.
@@ -337,8 +336,7 @@ def register_superglue(data_dir: str | None = None, mode: str = '[NLU]',
   `hf_dir`: {task: directory} of Hugging Face `super_glue` configs saved to disk, used instead
   of jsonl files for those tasks.
   """
-  if mode not in MODES:
-    raise ValueError(f'mode must be one of {MODES}, got {mode!r}.')
+  mode = vocabulary.check_mode(mode, 'register_superglue(mode=...)')
   vocab = vocabulary.get_vocabulary()
   features = {'inputs': seqio.Feature(vocab, add_eos=True),
               'targets': seqio.Feature(vocab, add_eos=True)}

@@ -18,9 +18,7 @@ MODEL = network.Transformer(CFG)
 
 
 def init(cfg=CFG, seed=0, eos_boost=1.0):
-  tokens = jnp.ones((1, 4), jnp.int32)
-  params = flax.linen.meta.unbox(
-      network.Transformer(cfg).init(jax.random.key(seed), tokens, tokens, tokens)['params'])
+  params = network.init_params(cfg, jax.random.key(seed))
   # A random model rarely says EOS; boosting its logit makes some rows stop early.
   kernel = params['decoder']['logits_dense']['kernel']
   params['decoder']['logits_dense']['kernel'] = kernel.at[:, 1].multiply(eos_boost)
@@ -173,9 +171,7 @@ def test_decoding_with_sharded_parameters_equals_unsharded():
   expected_beams, _ = decoding.beam_search(model, params, enc, 2, 6)
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, model=4))
   rules = partitioning.logical_axis_rules()
-  tokens = jnp.ones((1, 4), jnp.int32)
-  boxed = jax.eval_shape(lambda r: model.init(r, tokens, tokens, tokens)['params'],
-                         jax.random.key(0))
+  boxed = jax.eval_shape(lambda r: network.init_params(cfg, r, boxed=True), jax.random.key(0))
   sharded = jax.device_put(params, partitioning.logical_shardings(boxed, mesh, rules))
   batch = jax.device_put(enc, partitioning.data_sharding(mesh))
   with jax.set_mesh(mesh), flax.linen.logical_axis_rules(rules):

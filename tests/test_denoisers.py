@@ -313,10 +313,10 @@ def test_outputs_fit_feature_lengths_start_with_mode_and_use_only_sentinels(docu
 
 def test_dedicated_mode_token_ids(documents):
   config = D.MixtureConfig(D.UL2R_DENOISERS, D.UL2R_RATES,
-                           mode_token_ids=D.DEDICATED_MODE_IDS)
+                           mode_token_ids=V.DEDICATED_MODE_IDS)
   for ex in run(config, documents[:8], limit=50):
     d = config.denoisers[ex['denoiser']]
-    assert ex['inputs'][0] == D.DEDICATED_MODE_IDS[d.mode]
+    assert ex['inputs'][0] == V.DEDICATED_MODE_IDS[d.mode]
     assert ex['inputs'][1] < SENTINEL_LO or d.family != 'S'
 
 

@@ -13,10 +13,10 @@ import tensorstore as ts
 import torch
 import transformers
 
-import eval as eval_script
 import export_hf
 import train_setup
-from ul2 import decoding, interop, network
+from ul2 import checkpoints, decoding, interop, network
+from ul2 import data as data_lib
 
 BASE = network.Config(vocab_size=512, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
                       num_encoder_layers=2, num_decoder_layers=2)
@@ -31,9 +31,7 @@ VARIANTS = {
 
 
 def init(cfg, seed=0):
-  tokens = jnp.ones((1, 4), jnp.int32)
-  return jax.tree.map(np.asarray, flax.linen.meta.unbox(
-      network.Transformer(cfg).init(jax.random.key(seed), tokens, tokens, tokens)['params']))
+  return jax.tree.map(np.asarray, network.init_params(cfg, jax.random.key(seed)))
 
 
 def batch(vocab, seed=0):
@@ -83,8 +81,8 @@ def test_import_of_export_is_bitwise_identity(tmp_path, name):
   loaded, loaded_cfg = interop.load_hf(str(tmp_path))
   assert loaded_cfg == dataclasses.replace(cfg, dropout_rate=0.0)
   assert_trees_equal(loaded, params)
-  # eval.py / infer.py: the config from config.json alone, the weights through load_pretrained.
-  model, eval_params = eval_script.load_model(str(tmp_path))
+  # eval.py / infer.py: the config from config.json alone, the weights read once.
+  model, eval_params = checkpoints.load_model(str(tmp_path))
   assert model.config == loaded_cfg
   assert_trees_equal(eval_params, params)
 
@@ -169,8 +167,8 @@ def test_training_starts_from_hf_weights_and_exports_back(tmp_path):
   cfg = train_setup.TINY
   params = init(cfg, seed=6)
   interop.save_hf(params, cfg, str(tmp_path / 'hf_in'))
-  fixed = next(iter(train_setup.T.HostBatches(train_setup.T.make_datasets(
-      train_setup.T.DataConfig('ul2_mod_gutenberg', train_setup.LENGTHS, batch_size=8),
+  fixed = next(iter(data_lib.HostBatches(data_lib.make_datasets(
+      data_lib.DataConfig('ul2_mod_gutenberg', train_setup.LENGTHS, batch_size=8),
       'train', 0, repeat=True, shuffle=False))))
   logits = network.Transformer(cfg).apply({'params': params}, **network.model_inputs(fixed))
   sums = train_setup.T.loss_sums(logits, fixed['decoder_target_tokens'],
@@ -183,16 +181,16 @@ def test_training_starts_from_hf_weights_and_exports_back(tmp_path):
 
   model_dir = tmp_path / 'run'
   result = train_setup.T.train(
-      model=cfg, data=train_setup.T.DataConfig('ul2_mod_gutenberg', train_setup.LENGTHS,
-                                               batch_size=8, eval_split=None),
+      model=cfg, data=data_lib.DataConfig('ul2_mod_gutenberg', train_setup.LENGTHS,
+                                          batch_size=8, eval_split=None),
       run=train_setup.T.TrainConfig(str(model_dir), steps=2, progress_bar=False,
                                     init_from=str(tmp_path / 'hf_in'), checkpoint_every=2),
       optimizer=train_setup.OPTIMIZER, batches=repeat(), log=lambda _: None)
   assert result.history[0]['loss'] == pytest.approx(expected, rel=1e-5)
   # Synthetic batches do not checkpoint; train on the task to get one, from the same weights.
   train_setup.T.train(
-      model=cfg, data=train_setup.T.DataConfig('ul2_mod_gutenberg', train_setup.LENGTHS,
-                                               batch_size=8, eval_split=None),
+      model=cfg, data=data_lib.DataConfig('ul2_mod_gutenberg', train_setup.LENGTHS,
+                                          batch_size=8, eval_split=None),
       run=train_setup.T.TrainConfig(str(model_dir), steps=2, progress_bar=False,
                                     init_from=str(tmp_path / 'hf_in')),
       optimizer=train_setup.OPTIMIZER, log=lambda _: None)
@@ -201,7 +199,7 @@ def test_training_starts_from_hf_weights_and_exports_back(tmp_path):
   enc, targets, dec_in = batch(cfg.vocab_size, seed=7)
   ours = np.asarray(network.Transformer(cfg).apply({'params': exported}, enc, dec_in, targets))
   assert np.abs(ours - hf_logits(str(tmp_path / 'hf_out'), enc, dec_in)).max() <= 1e-4
-  trained = interop.load_pretrained(str(model_dir), cfg)
+  trained, _ = checkpoints.load(str(model_dir), cfg)
   assert_trees_equal(trained, exported)
   assert not np.array_equal(trained['decoder']['logits_dense']['kernel'],
                             params['decoder']['logits_dense']['kernel'])

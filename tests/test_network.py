@@ -20,10 +20,8 @@ TINY = network.Config(vocab_size=512, emb_dim=32, num_heads=4, head_dim=8, mlp_d
 MODEL_GIN_FILES = sorted(glob.glob(os.path.join(gin_cli.GIN_DIR, 'models', '*.gin')))
 
 
-def init_params(cfg, seed=0, length=8):
-  tokens = jnp.ones((1, length), jnp.int32)
-  variables = network.Transformer(cfg).init(jax.random.key(seed), tokens, tokens, tokens)
-  return nn.meta.unbox(variables['params'])
+def init_params(cfg, seed=0):
+  return network.init_params(cfg, jax.random.key(seed))
 
 
 def flat(tree):
@@ -134,9 +132,7 @@ def t5x_table(cfg):
 
 def test_parameter_paths_shapes_and_axes_equal_t5x_table():
   cfg = model_config('models/tiny.gin')
-  tokens = jnp.ones((1, 4), jnp.int32)
-  boxed = jax.eval_shape(network.Transformer(cfg).init, jax.random.key(0), tokens, tokens,
-                         tokens)['params']
+  boxed = jax.eval_shape(lambda r: network.init_params(cfg, r, boxed=True), jax.random.key(0))
   got = {k: (tuple(box.value.shape), tuple(box.names)) for k, box in flat(
       boxed if not isinstance(boxed, flax.core.FrozenDict) else boxed.unfreeze()).items()}
   assert got == t5x_table(cfg)
@@ -356,10 +352,8 @@ def test_sharded_logits_equal_unsharded(data, model, dims):
   targets = random_tokens(1, (8, 12), cfg.vocab_size)
   batch = {'encoder_input_tokens': enc, 'decoder_input_tokens': shift_right(targets),
            'decoder_target_tokens': targets}
-  tokens = jnp.ones((1, 4), jnp.int32)
-  init = lambda rng: net.init(rng, tokens, tokens, tokens)['params']
-  boxed = jax.eval_shape(init, jax.random.key(0))
-  params = nn.meta.unbox(init(jax.random.key(0)))
+  boxed = jax.eval_shape(lambda r: network.init_params(cfg, r, boxed=True), jax.random.key(0))
+  params = network.init_params(cfg, jax.random.key(0))
   expected = net.apply({'params': params}, **batch)
 
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=data, model=model))

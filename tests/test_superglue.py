@@ -16,7 +16,8 @@ import infer as infer_script
 import train_setup
 from tasks import superglue as sg
 from train_setup import T, TINY
-from ul2 import decoding, evaluation, interop, network, vocabulary
+from ul2 import checkpoints, decoding, evaluation, network, vocabulary
+from ul2 import data as data_lib
 
 # One hand-written record per task, in the official jsonl format, and the text it becomes.
 RECORDS = {
@@ -182,7 +183,8 @@ def test_fine_tuning_reaches_full_training_accuracy(sixteen_cb, tmp_path):
                                 shuffle=False).as_numpy_iterator())
   assert first['inputs_pretokenized'].startswith(b'[NLU] cb hypothesis:')
   result = T.train(
-      model=TINY, data=T.DataConfig('cb16_cb', {'inputs': 256, 'targets': 8}, batch_size=16),
+      model=TINY, data=data_lib.DataConfig('cb16_cb', {'inputs': 256, 'targets': 8},
+                                           batch_size=16),
       run=T.TrainConfig(str(tmp_path / 'finetuned'), steps=120, log_every=20,
                         progress_bar=False, eval_every=1000, metrics_every=60,
                         keep_best='accuracy', init_from=str(tmp_path / 'pretrained')),
@@ -194,7 +196,7 @@ def test_fine_tuning_reaches_full_training_accuracy(sixteen_cb, tmp_path):
   assert best['metric'] == 'accuracy' and best['value'] == 100.0
   # The best parameters reload and reproduce the score with rank classification too.
   model = network.Transformer(TINY)
-  params = interop.load_pretrained(str(tmp_path / 'finetuned' / 'best'), TINY)
+  params, _ = checkpoints.load(str(tmp_path / 'finetuned' / 'best'), TINY)
   ranked = evaluation.evaluate(model, params, 'cb16_cb', feature_lengths={'inputs': 256,
                                                                           'targets': 8},
                                method='rank', candidates=sg.LABELS['cb'])
@@ -242,7 +244,7 @@ def test_infer_cli_generates_and_scores(tmp_path):
   value = infer_script.main(['--checkpoint', str(tmp_path / 'model'), '--input', 'Hello there',
                              '--score', 'General Kenobi'], out=io.StringIO())
   vocab = vocabulary.get_vocabulary()
-  params = interop.load_pretrained(str(tmp_path / 'model'), TINY)
+  params, _ = checkpoints.load(str(tmp_path / 'model'), TINY)
   expected = decoding.score(network.Transformer(TINY), params,
                             jnp.asarray([vocab.encode('Hello there') + [1]]),
                             jnp.asarray([vocab.encode('General Kenobi') + [1]]))
@@ -260,7 +262,8 @@ def test_eval_and_infer_leave_the_accelerators_to_jax():
   env = {k: v for k, v in os.environ.items() if k != 'CUDA_VISIBLE_DEVICES'}
   env['PYTHONPATH'] = scripts
   code = ('import os, eval, infer\n'
-          'eval.hide_gpus_from_tensorflow()\n'
+          'from ul2 import data\n'
+          'data.hide_accelerators_from_tensorflow()\n'
           'import tensorflow as tf\n'
           'assert "CUDA_VISIBLE_DEVICES" not in os.environ, os.environ["CUDA_VISIBLE_DEVICES"]\n'
           'assert tf.config.get_visible_devices("GPU") == []\n')

@@ -18,7 +18,8 @@ import gin_cli
 import train as train_script
 import train_setup
 from train_setup import TINY, run
-from ul2 import network, partitioning
+from ul2 import data as data_lib
+from ul2 import flops, network, partitioning
 from ul2 import train as T
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -37,8 +38,9 @@ def assert_params_equal(a, b):
 
 def fixed_batch(batch_size=8):
   """One real packed batch from the MoD task, as host numpy arrays."""
-  data = T.DataConfig('ul2_mod_gutenberg', train_setup.LENGTHS, batch_size=batch_size)
-  return next(T.HostBatches(T.make_datasets(data, 'train', 0, repeat=True, shuffle=False)))
+  data = data_lib.DataConfig('ul2_mod_gutenberg', train_setup.LENGTHS, batch_size=batch_size)
+  return next(data_lib.HostBatches(data_lib.make_datasets(data, 'train', 0, repeat=True,
+                                                          shuffle=False)))
 
 
 def repeat(batch):
@@ -173,11 +175,10 @@ def test_a_checkpoint_from_a_sharded_run_loads_on_one_device(tmp_path):
   result = run(model_dir, steps=2, mesh=partitioning.MeshConfig(
       data=2, model=4, parameter_partitioning_dims=2))
   code = ('import sys, jax, numpy as np\n'
-          'from ul2 import interop\n'
+          'from ul2 import checkpoints, network\n'
           'assert jax.device_count() == 1\n'
-          'params = interop.load_pretrained(sys.argv[1], interop.read_model_config(sys.argv[1]))\n'
-          'flat = {"/".join(k): v for k, v in '
-          'interop.flax.traverse_util.flatten_dict(params).items()}\n'
+          'params, _ = checkpoints.load(sys.argv[1])\n'
+          'flat = network.flatten_params(params)\n'
           'np.savez(sys.argv[2], **flat)\n')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   out = tmp_path / 'params.npz'
@@ -244,7 +245,7 @@ def test_flop_count_matches_a_hand_count():
   # Decoder, per target token: self 16 + 2*2*2=8, cross q,o 8 + scores 2*3*2=12, MLP 24,
   # logits 2*10=20 -> 88 x 2; cross k,v per input token: 8 x 3.
   macs = 52 * 3 + 88 * 2 + 8 * 3
-  assert T.model_flops_per_step(cfg, 1, 3, 2) == 6 * macs
+  assert flops.flops_per_step(cfg, 1, 3, 2) == 6 * macs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ RUN_FILES = sorted(glob.glob(os.path.join(gin_cli.GIN_DIR, 'experiments', '*.gin
 
 def bound_configs():
   return {name: gin.get_configurable(cls)() for name, cls in (
-      ('data', T.DataConfig), ('run', T.TrainConfig), ('optimizer', T.OptimizerConfig),
+      ('data', data_lib.DataConfig), ('run', T.TrainConfig), ('optimizer', T.OptimizerConfig),
       ('mesh', partitioning.MeshConfig))}
 
 
@@ -276,7 +277,7 @@ def test_every_experiment_gin_file_parses_and_binds(path):
 def test_run_file_lists_its_required_macros():
   with pytest.raises(ValueError, match='MIXTURE_OR_TASK_NAME'):
     gin_cli.parse(['models/tiny.gin', 'runs/pretrain.gin'])
-    gin.get_configurable(T.DataConfig)()
+    gin.get_configurable(data_lib.DataConfig)()
 
 
 def test_train_cli_writes_config_checkpoints_and_logs(tmp_path):
@@ -313,14 +314,15 @@ def test_mesh_that_does_not_match_the_devices(tmp_path):
 def test_unknown_task(tmp_path):
   with pytest.raises(ValueError, match="Unknown task or mixture 'no_such_task'.*"
                                        "ul2_mod_gutenberg"):
-    T.train(model=TINY, data=T.DataConfig('no_such_task', train_setup.LENGTHS, batch_size=8),
+    T.train(model=TINY, data=data_lib.DataConfig('no_such_task', train_setup.LENGTHS,
+                                                 batch_size=8),
             run=T.TrainConfig(str(tmp_path), steps=1, progress_bar=False), log=lambda _: None)
 
 
 def test_feature_lengths_too_short_for_a_denoiser(tmp_path):
   with pytest.raises(ValueError, match='too short for denoiser'):
-    T.train(model=TINY, data=T.DataConfig('ul2_mod_gutenberg', {'inputs': 6, 'targets': 6},
-                                          batch_size=8),
+    T.train(model=TINY, data=data_lib.DataConfig('ul2_mod_gutenberg',
+                                                 {'inputs': 6, 'targets': 6}, batch_size=8),
             run=T.TrainConfig(str(tmp_path), steps=1, progress_bar=False), log=lambda _: None)
 
 
@@ -329,7 +331,7 @@ def test_microbatches_that_do_not_split_the_batch(tmp_path):
     run(str(tmp_path), steps=1, microbatches=3)
 
 
-@pytest.mark.parametrize('module', [T], ids=lambda m: m.__name__)
+@pytest.mark.parametrize('module', [T, data_lib, flops], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
   import doctest
   result = doctest.testmod(module)

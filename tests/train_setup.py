@@ -5,6 +5,7 @@ import jax
 import numpy as np
 
 import tasks  # noqa: F401  (registers ul2_mod_gutenberg)
+from ul2 import data as data_lib
 from ul2 import network, partitioning
 from ul2 import train as T
 
@@ -16,11 +17,12 @@ OPTIMIZER = T.OptimizerConfig(schedule='constant', learning_rate=0.01, warmup_st
 
 def run(model_dir, steps, *, model=TINY, batch_size=8, mesh=partitioning.MeshConfig(),
         devices=None, microbatches=1, input_shards=None, checkpoint_every=1000, batches=None,
-        eval_split='validation', async_checkpointing=True, seed=0, **run_options):
+        eval_split='validation', async_checkpointing=True, seed=0, task='ul2_mod_gutenberg',
+        **run_options):
   return T.train(
       model=model,
-      data=T.DataConfig('ul2_mod_gutenberg', LENGTHS, batch_size=batch_size,
-                        input_shards=input_shards, eval_split=eval_split),
+      data=data_lib.DataConfig(task, LENGTHS, batch_size=batch_size,
+                             input_shards=input_shards, eval_split=eval_split),
       run=T.TrainConfig(model_dir, steps=steps, microbatches=microbatches, eval_every=1000,
                         eval_batches=2, checkpoint_every=checkpoint_every, log_every=2,
                         progress_bar=False, async_checkpointing=async_checkpointing,

@@ -10,7 +10,7 @@ padding (0).
     ...                      num_encoder_layers=1, num_decoder_layers=1)
     >>> model = network.Transformer(cfg)
     >>> inputs = jnp.array([[5, 6, 7, 1]])
-    >>> params = model.init(jax.random.key(0), inputs, inputs, inputs)['params']
+    >>> params = network.init_params(cfg, jax.random.key(0))
     >>> greedy(model, params, inputs, max_decode_length=6).shape
     (1, 6)
 
@@ -35,7 +35,7 @@ PAD_ID = network.PAD_ID
 NEG_INF = -1e9
 
 
-def _step_fn(model: network.Transformer, params: Any, encoded: jax.Array,
+def _step_fn(model: network.Transformer, params: Any, *, encoded: jax.Array,
              encoder_input_tokens: jax.Array, max_decode_length: int):
   """One cached decoder step: (cache, tokens [rows]) -> (log-probs [rows, vocab], cache)."""
   def step(cache, tokens):
@@ -80,12 +80,13 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
 
 @functools.partial(jax.jit, static_argnames=('model', 'max_decode_length', 'temperature',
                                              'top_k', 'top_p'))
-def _decode_loop(model, params, encoder_input_tokens, rng, max_decode_length: int,
+def _decode_loop(model, params, encoder_input_tokens, *, rng, max_decode_length: int,
                  temperature: float, top_k: int, top_p: float):
   batch = encoder_input_tokens.shape[0]
   encoded, enc_tokens = _encode(model, params, encoder_input_tokens)
   cache = network.init_decoding_cache(model, batch, enc_tokens.shape[1], max_decode_length)
-  step = _step_fn(model, params, encoded, enc_tokens, max_decode_length)
+  step = _step_fn(model, params, encoded=encoded, encoder_input_tokens=enc_tokens,
+                  max_decode_length=max_decode_length)
 
   def cond(carry):
     t, _, _, done, _ = carry
@@ -113,8 +114,8 @@ def _decode_loop(model, params, encoder_input_tokens, rng, max_decode_length: in
 def greedy(model: network.Transformer, params: Any, encoder_input_tokens: jax.Array,
            max_decode_length: int) -> jax.Array:
   """Most likely token at every step: [batch, inputs] -> [batch, max_decode_length]."""
-  return _decode_loop(model, params, encoder_input_tokens, jax.random.key(0),
-                      max_decode_length, 0.0, 0, 1.0)
+  return _decode_loop(model, params, encoder_input_tokens, rng=jax.random.key(0),
+                      max_decode_length=max_decode_length, temperature=0.0, top_k=0, top_p=1.0)
 
 
 def sample(model: network.Transformer, params: Any, encoder_input_tokens: jax.Array,
@@ -124,8 +125,9 @@ def sample(model: network.Transformer, params: Any, encoder_input_tokens: jax.Ar
   if temperature <= 0:
     raise ValueError(f'temperature must be > 0 for sampling (use greedy for 0), got '
                      f'{temperature}.')
-  return _decode_loop(model, params, encoder_input_tokens, rng, max_decode_length,
-                      float(temperature), int(top_k), float(top_p))
+  return _decode_loop(model, params, encoder_input_tokens, rng=rng,
+                      max_decode_length=max_decode_length, temperature=float(temperature),
+                      top_k=int(top_k), top_p=float(top_p))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +166,8 @@ def beam_search(model: network.Transformer, params: Any, encoder_input_tokens: j
   rows = batch * beam_size
   encoded, enc_tokens = _encode(model, params, encoder_input_tokens, beam_size)
   cache = network.init_decoding_cache(model, rows, enc_tokens.shape[1], max_decode_length)
-  step = _step_fn(model, params, encoded, enc_tokens, max_decode_length)
+  step = _step_fn(model, params, encoded=encoded, encoder_input_tokens=enc_tokens,
+                  max_decode_length=max_decode_length)
   cache_axis = 1 if model.config.scan_layers else 0
   vocab = model.config.vocab_size
 

@@ -53,11 +53,10 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-MODES = ('[NLU]', '[S2S]', '[NLG]')
-FAMILY_MODES = {'R': '[NLU]', 'S': '[S2S]', 'X': '[NLG]'}
-# Dedicated mode-token ids for `MixtureConfig.mode_token_ids`: unused rows of the 32,128-row
-# embedding just above the 32,100 vocabulary ids (ports that use one id per mode do this).
-DEDICATED_MODE_IDS = {'[NLU]': 32100, '[S2S]': 32101, '[NLG]': 32102}
+from ul2 import vocabulary
+
+# Each family's mode token (paper §3.1.2); the tokens themselves live in `ul2.vocabulary`.
+FAMILY_MODES = {'R': vocabulary.NLU, 'S': vocabulary.S2S, 'X': vocabulary.NLG}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +80,7 @@ class Denoiser:
       raise ValueError(f"Denoiser.family must be 'R', 'S' or 'X', got {self.family!r}.")
     if self.mode is None:
       object.__setattr__(self, 'mode', FAMILY_MODES[self.family])
+    vocabulary.check_mode(self.mode, f'Denoiser {self.name} mode')
     if self.family != 'S' and self.mean_span_length < 1:
       raise ValueError(f'Denoiser {self.name}: mean_span_length must be >= 1, got '
                        f'{self.mean_span_length}.')
@@ -135,7 +135,7 @@ class MixtureConfig:
   # or 'cap' (cap the span count at the number of sentinels; spans get longer than mu).
   sentinel_overflow: str = 'error'
   # None: mode tokens as text ('[NLU]' -> [784, 567, 9138, 908]), as the released UL2
-  # checkpoints use them. Or one id per mode, e.g. DEDICATED_MODE_IDS.
+  # checkpoints use them. Or one id per mode, e.g. vocabulary.DEDICATED_MODE_IDS.
   mode_token_ids: Mapping[str, int] | None = None
 
   def __post_init__(self):
@@ -275,11 +275,10 @@ def _largest_fitting(lengths_fn, room_in: int, room_tgt: int) -> tuple[int, tupl
 def mode_token_ids(mode: str, config: MixtureConfig, vocabulary: seqio.Vocabulary) -> list[int]:
   """The ids prepended for `mode`: the encoded text, or the dedicated id.
 
-  >>> from ul2 import vocabulary
   >>> vocab = vocabulary.get_vocabulary()
   >>> mode_token_ids('[S2S]', MixtureConfig(), vocab)
   [784, 134, 357, 134, 908]
-  >>> mode_token_ids('[S2S]', MixtureConfig(mode_token_ids=DEDICATED_MODE_IDS), vocab)
+  >>> mode_token_ids('[S2S]', MixtureConfig(mode_token_ids=vocabulary.DEDICATED_MODE_IDS), vocab)
   [32101]
   """
   if not mode:
@@ -408,7 +407,6 @@ def tokenize_blocks(dataset: tf.data.Dataset, output_features: Mapping[str, seqi
   One tokenizer call per block instead of per document: Gutenberg paragraphs are ~47 tokens,
   and per-element overhead, not SentencePiece, bounded a per-document pipeline.
 
-  >>> from ul2 import vocabulary
   >>> ds = tf.data.Dataset.from_tensor_slices({'targets': ['The cat.', '', 'A dog']})
   >>> features = {'targets': seqio.Feature(vocabulary.get_vocabulary())}
   >>> [ex['targets'].tolist() for ex in tokenize_blocks(ds, features, 2).as_numpy_iterator()]

@@ -18,9 +18,7 @@ from typing import Any, Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from ul2 import decoding, network
-
-MODE_TOKENS = ('[NLU]', '[S2S]', '[NLG]')
+from ul2 import decoding, network, vocabulary
 
 
 @dataclasses.dataclass
@@ -30,13 +28,6 @@ class Result:
   examples: int
   method: str
   predictions: list[Any]
-
-
-def _strip_mode(text: str) -> tuple[str, str]:
-  for mode in MODE_TOKENS:
-    if text.startswith(mode + ' '):
-      return mode, text[len(mode) + 1:]
-  return '', text
 
 
 def _text(value) -> str:
@@ -59,12 +50,12 @@ def few_shot_inputs(vocab, query: str, shots: Sequence[tuple[str, str]], length:
   The texts are the task's pretokenized inputs, each starting with the mode token, which is
   written once, first.
   """
-  mode, body = _strip_mode(query)
+  mode, body = vocabulary.split_mode(query)
   prefix = vocab.encode(mode) if mode else []
   query_ids = vocab.encode(body) + [network.EOS_ID]
   context = []
   for shot_input, shot_target in shots:
-    context += vocab.encode(f'{_strip_mode(shot_input)[1]} {shot_target}')
+    context += vocab.encode(f'{vocabulary.split_mode(shot_input)[1]} {shot_target}')
   room = max(length - len(prefix) - len(query_ids), 0)
   context = context[max(len(context) - room, 0):]  # the most recent `room` tokens
   return (prefix + context + query_ids)[-length:]  # cuts only a query that alone is too long

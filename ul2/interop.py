@@ -22,10 +22,8 @@ not to, so building a model and calling `load_state_dict` silently gives wrong l
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 import shutil
 from typing import Any, Mapping
 
@@ -199,6 +197,12 @@ def read_hf_config(directory: str, **overrides) -> network.Config:
     return config_from_hf(json.load(f), **overrides)
 
 
+def is_hf_directory(path: str) -> bool:
+  """A Hugging Face model directory: config.json beside *.safetensors weights."""
+  return os.path.isfile(os.path.join(path, 'config.json')) and any(
+      f.endswith('.safetensors') for f in os.listdir(path))
+
+
 def load_hf(directory: str, **overrides) -> tuple[dict, network.Config]:
   """An HF T5 / UL2 directory on disk (safetensors) -> (our parameters, config). No hub."""
   from safetensors.numpy import load_file
@@ -253,36 +257,51 @@ def save_t5x_tensorstore(params: Any, config: network.Config, directory: str,
   return out
 
 
+def is_t5x_tensorstore(path: str) -> bool:
+  """T5X's tensorstore layout: a `checkpoint` msgpack file beside the `target.*` arrays."""
+  return os.path.isfile(os.path.join(path, 'checkpoint'))
+
+
 def load_t5x(path: str, config: network.Config) -> dict:
   """Parameters from a T5X checkpoint directory (`checkpoint_N/`): the tensorstore layout
-  (msgpack `checkpoint` + `target.*` zarr arrays) or an orbax one (`target` or `params` item)."""
-  if os.path.exists(os.path.join(path, 'checkpoint')):
+  (msgpack `checkpoint` + `target.*` zarr arrays) or an orbax one; checked against `config`."""
+  if is_t5x_tensorstore(path):
     params = _load_t5x_tensorstore(path)
   else:
-    import jax
-    import orbax.checkpoint as ocp
-    from etils import epath
-    if os.path.isdir(os.path.join(path, 'default')):  # a step of an orbax CheckpointManager
-      path = os.path.join(path, 'default')
-    # Restore as host numpy arrays: the saved shardings name the devices of the run that wrote
-    # the checkpoint (a 2x4 mesh, a pod), which need not exist in this process. The handler,
-    # not a Checkpointer: that would also look for step metadata, which the item folder of a
-    # CheckpointManager step does not hold, and warn.
-    handler, item = ocp.PyTreeCheckpointHandler(), epath.Path(os.path.abspath(path))
-    restored = handler.restore(item, args=ocp.args.PyTreeRestore(restore_args=jax.tree.map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), handler.metadata(item).tree)))
-    for key in ('target', 'params'):
-      if key in restored:
-        params = restored[key]
-        break
-    else:
-      params = restored.get('optimizer', {}).get('target')
-      if params is None:
-        raise ValueError(f'{path} has no target/params tree (keys: {sorted(restored)}).')
-  params = jax_tree_to_numpy(params)
-  expected = network.param_shapes(dataclasses.replace(config, scan_layers=False))
-  _check_shapes(params, expected, path)
+    params = read_orbax_params(path)
+  network.check_param_shapes(params, config, path)
   return params
+
+
+def read_orbax_params(path: str) -> dict:
+  """The parameter tree of an orbax checkpoint folder, as host float32 numpy arrays.
+
+  T5X's orbax layout keeps it under `target` (or `optimizer/target`); ours, which is the
+  same tree by design, under `params`. A step folder of an orbax CheckpointManager (its item
+  in `default/`) is read too.
+  """
+  import jax
+  import orbax.checkpoint as ocp
+  from etils import epath
+
+  if os.path.isdir(os.path.join(path, 'default')):
+    path = os.path.join(path, 'default')
+  # Restore as host numpy arrays: the saved shardings name the devices of the run that wrote
+  # the checkpoint (a 2x4 mesh, a pod), which need not exist in this process. The handler,
+  # not a Checkpointer: that would also look for step metadata, which the item folder of a
+  # CheckpointManager step does not hold, and warn.
+  handler, item = ocp.PyTreeCheckpointHandler(), epath.Path(os.path.abspath(path))
+  restored = handler.restore(item, args=ocp.args.PyTreeRestore(restore_args=jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), handler.metadata(item).tree)))
+  for key in ('target', 'params'):
+    if key in restored:
+      params = restored[key]
+      break
+  else:
+    params = restored.get('optimizer', {}).get('target')
+    if params is None:
+      raise ValueError(f'{path} has no target/params tree (keys: {sorted(restored)}).')
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
 
 def _load_t5x_tensorstore(path: str) -> dict:
@@ -308,66 +327,10 @@ def _load_t5x_tensorstore(path: str) -> dict:
           'driver': 'file', 'path': os.path.join(path, 'target.' + _dotted(key))}},
           open=True).result().read().result()
     else:
-      flat[key] = np.asarray(leaf)
-  return flax.traverse_util.unflatten_dict(flat)
+      flat[key] = leaf
+  return flax.traverse_util.unflatten_dict(
+      {key: np.asarray(value, np.float32) for key, value in flat.items()})
 
 
 def _is_ts_spec(x) -> bool:
   return isinstance(x, dict) and 'driver' in x and 'kvstore' in x
-
-
-def jax_tree_to_numpy(tree: Any) -> Any:
-  import jax
-  return jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
-
-
-def _check_shapes(params: Any, expected: Any, where: str) -> None:
-  got = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(params).items()}
-  want = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(expected).items()}
-  if got != want:
-    wrong = [(_dotted(k), got.get(k), want.get(k)) for k in sorted(set(got) | set(want))
-             if got.get(k) != want.get(k)]
-    raise ValueError(f'{where}: parameters do not match the model config ({len(wrong)} '
-                     f'differences, e.g. {wrong[:3]} as (name, checkpoint, config)).')
-
-
-def load_pretrained(path: str, config: network.Config) -> dict:
-  """Parameters from any supported source, per-layer layout, checked against `config`:
-  an HF directory (config.json + safetensors), a T5X checkpoint directory, or one of our
-  checkpoints (a model_dir, its checkpoints/ folder, or a checkpoints/<step> folder)."""
-  if os.path.exists(os.path.join(path, 'config.json')) and any(
-      f.endswith('.safetensors') for f in os.listdir(path)):
-    params, _ = load_hf(path)
-    _check_shapes(params, network.param_shapes(dataclasses.replace(config, scan_layers=False)),
-                  path)
-    return params
-  return load_t5x(resolve_checkpoint(path), config)
-
-
-def resolve_checkpoint(path: str) -> str:
-  """model_dir | model_dir/checkpoints | a step folder -> the latest step folder."""
-  for candidate in (path, os.path.join(path, 'checkpoints')):
-    if not os.path.isdir(candidate):
-      continue
-    steps = [d for d in os.listdir(candidate) if re.fullmatch(r'\d+', d)]
-    if steps:
-      return os.path.join(candidate, max(steps, key=int))
-  if os.path.isdir(path):
-    return path
-  raise FileNotFoundError(f'No checkpoint at {path}.')
-
-
-def read_model_config(path: str) -> network.Config:
-  """The `model_config.json` that training writes into its model_dir, found from a model_dir or
-  any checkpoint folder below it."""
-  path = os.path.abspath(path)
-  while True:
-    candidate = os.path.join(path, 'model_config.json')
-    if os.path.exists(candidate):
-      with open(candidate) as f:
-        return network.Config(**json.load(f))
-    parent = os.path.dirname(path)
-    if parent == path:
-      raise FileNotFoundError('No model_config.json in the checkpoint folder or above it; pass '
-                              'the model with --gin_file=models/<size>.gin instead.')
-    path = parent

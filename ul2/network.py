@@ -46,6 +46,7 @@ import functools
 import re
 from typing import Any, Callable, Mapping
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -100,9 +101,8 @@ class Config:
   layer_norm_epsilon: float = 1e-6
   # Large models: one scanned layer per stack compiles in constant time; remat trades
   # recomputation for activation memory ('none', 'minimal' or 'full'). Pair remat with scan:
-  # XLA's compiled memory for T5 1.1 large (batch 32, 512/512, bfloat16, scanned) was 206 GiB
-  # with 'none', 47 with 'minimal', 13 with 'full'; for unscanned layers XLA:CPU schedules the
-  # recomputation early and remat saved nothing (base: 79 -> 78 GiB; scanned 'full': 7 GiB).
+  # without scan, XLA schedules the recomputation early and remat saves little (README,
+  # "Training speed", has the compiled-memory figures).
   scan_layers: bool = False
   remat_policy: str = 'none'
 
@@ -368,6 +368,13 @@ class MlpBlock(nn.Module):
     return Dense(x.shape[-1], ('mlp', 'embed'), dtype=cfg.activation_dtype, name='wo')(hidden)
 
 
+def _attention(cfg: Config, deterministic: bool, **kwargs) -> MultiHeadDotProductAttention:
+  return MultiHeadDotProductAttention(
+      num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=cfg.activation_dtype,
+      dropout_rate=cfg.dropout_rate, float32_logits=cfg.float32_attention_logits,
+      deterministic=deterministic, **kwargs)
+
+
 def _dropout(cfg: Config, deterministic: bool) -> nn.Dropout:
   # Broadcast over the length axis, as T5X does: one mask per sequence and channel.
   return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,), deterministic=deterministic)
@@ -395,9 +402,7 @@ class EncoderLayer(nn.Module):
     norm = functools.partial(RMSNorm, cfg.layer_norm_epsilon, cfg.activation_dtype)
     # [batch, length, embed]
     y = norm(name='pre_attention_layer_norm')(x)
-    y = MultiHeadDotProductAttention(
-        cfg.num_heads, cfg.head_dim, cfg.activation_dtype, cfg.dropout_rate,
-        cfg.float32_attention_logits, self.deterministic, name='attention')(y, y, mask, bias)
+    y = _attention(cfg, self.deterministic, name='attention')(y, y, mask=mask, bias=bias)
     x = x + _dropout(cfg, self.deterministic)(y)
     x = _mlp_sublayer(cfg, self.deterministic, x)
     return (x, None) if self.scanned else x
@@ -414,15 +419,14 @@ class DecoderLayer(nn.Module):
                bias: Array):
     cfg = self.config
     norm = functools.partial(RMSNorm, cfg.layer_norm_epsilon, cfg.activation_dtype)
-    attention = functools.partial(MultiHeadDotProductAttention, cfg.num_heads, cfg.head_dim,
-                                  cfg.activation_dtype, cfg.dropout_rate,
-                                  cfg.float32_attention_logits, self.deterministic)
     # [batch, length, embed]
     y = norm(name='pre_self_attention_layer_norm')(x)
-    y = attention(decode=self.decode, name='self_attention')(y, y, self_mask, bias)
+    y = _attention(cfg, self.deterministic, decode=self.decode, name='self_attention')(
+        y, y, mask=self_mask, bias=bias)
     x = x + _dropout(cfg, self.deterministic)(y)
     y = norm(name='pre_cross_attention_layer_norm')(x)
-    y = attention(name='encoder_decoder_attention')(y, encoded, cross_mask)
+    y = _attention(cfg, self.deterministic, name='encoder_decoder_attention')(
+        y, encoded, mask=cross_mask)
     x = x + _dropout(cfg, self.deterministic)(y)
     x = _mlp_sublayer(cfg, self.deterministic, x)
     return (x, None) if self.scanned else x
@@ -702,9 +706,41 @@ def count_parameters(params: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
+def init_params(config: Config, rng: Array, *, boxed: bool = False) -> Any:
+  """Freshly initialised parameters (the tree in the module docstring).
+
+  Shapes depend on the config only, so a 1x1 dummy batch initialises any model. `boxed=True`
+  keeps the `nn.LogicallyPartitioned` boxes that carry each parameter's logical axes (for
+  shardings); otherwise plain arrays. Jit- and `jax.eval_shape`-compatible.
+
+  >>> cfg = Config(vocab_size=8, emb_dim=4, num_heads=1, head_dim=4, mlp_dim=8,
+  ...              num_encoder_layers=1, num_decoder_layers=1)
+  >>> init_params(cfg, jax.random.key(0))['decoder']['logits_dense']['kernel'].shape
+  (4, 8)
+  """
+  tokens = jnp.ones((1, 1), jnp.int32)
+  params = Transformer(config).init(rng, tokens, tokens, tokens)['params']
+  return params if boxed else nn.meta.unbox(params)
+
+
 def param_shapes(config: Config) -> Any:
   """The parameter tree as `ShapeDtypeStruct`s, by `jax.eval_shape`: nothing is allocated."""
-  model = Transformer(config)
-  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), tokens, tokens, tokens)
-  return nn.meta.unbox(variables['params'])
+  return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
+
+
+def check_param_shapes(params: Any, config: Config, where: str) -> None:
+  """Raises one line naming `where` unless `params` (per-layer tree) is `config`'s tree."""
+  expected = param_shapes(dataclasses.replace(config, scan_layers=False))
+  got = {k: tuple(v.shape) for k, v in flatten_params(params).items()}
+  want = {k: tuple(v.shape) for k, v in flatten_params(expected).items()}
+  if got != want:
+    wrong = [(k, got.get(k), want.get(k)) for k in sorted(set(got) | set(want))
+             if got.get(k) != want.get(k)]
+    raise ValueError(f'{where}: parameters do not match the model config ({len(wrong)} '
+                     f'differences, e.g. {wrong[:3]} as (name, checkpoint, config)).')
+
+
+def flatten_params(params: Any) -> dict[str, Any]:
+  """{'encoder/layers_0/mlp/wo/kernel': array, ...}: T5X's parameter names, '/'-joined."""
+  return {'/'.join(path): value
+          for path, value in flax.traverse_util.flatten_dict(dict(params)).items()}

@@ -1,10 +1,10 @@
 """The T5X-style trainer: a pure, jitted `train_step(state, batch) -> (state, metrics)` and one
 readable loop around it.
 
-    state = init_state(...)                   # initialised directly sharded on the mesh
-    for step in range(start, steps):          # data: per-host seqio batches -> global arrays
+    state = init or restore                   # initialised directly sharded on the mesh
+    for step in range(start, run.steps):      # data: per-host seqio batches -> global arrays
       state, metrics = train_step(state, batch)
-      ... log, validate, checkpoint ...
+      log / validate / task metrics / checkpoint, each at its own cadence
 
 Objective (reference §3): cross-entropy on `decoder_loss_weights` plus z-loss
 (`z_loss * logsumexp(logits)^2`, 1e-4), normalised by the real target tokens of the global
@@ -14,20 +14,17 @@ no momentum, updates scaled by the parameter's RMS except for `relpos_bias`, eps
 Learning rate: T5X's `1 / sqrt(max(step, 10000))` by default; constant, linear and cosine
 decay (with linear warmup) on request.
 
-Everything written goes to `model_dir`: `checkpoints/<step>/` (orbax, asynchronous, the last
-`keep_checkpoints`), `data/<step>/` (each process's input-iterator position, so a restarted run
-sees exactly the batches an uninterrupted one would), `train/` and `validation/` (TensorBoard).
-This module imports TensorFlow and seqio only when it builds a seqio input pipeline, so a
-synthetic-data benchmark runs on machines without them.
+The input pipeline is `ul2.data`'s; the model directory (checkpoints, input positions, the
+best parameters) is `ul2.checkpoints`'; FLOPs and MFU are `ul2.flops`'. This module imports
+TensorFlow and seqio only when it builds a seqio input pipeline, so a synthetic-data benchmark
+(`compile_run` alone) runs on machines without them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import shutil
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -37,35 +34,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from ul2 import checkpoints as checkpoints_lib
+from ul2 import data as data_lib
+from ul2 import flops as flops_lib
 from ul2 import network, partitioning
 
 Batch = dict[str, jax.Array]
 
 
 # ----------------------------------------------------------------------------------------------
-# Configuration: one typed config per component
+# Configuration: one typed config per component (the data's is `ul2.data.DataConfig`)
 # ----------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """Which seqio task, at what lengths, in what batches."""
-
-  task: str  # a registered seqio task or mixture, e.g. 'ul2_mod_gutenberg'
-  feature_lengths: Mapping[str, int] = dataclasses.field(
-      default_factory=lambda: {'inputs': 512, 'targets': 512})  # UL2: 512/512
-  batch_size: int = 128  # global: all processes together (UL2 20B: 1024)
-  # Logical input shards (seqio.ShardInfo); each process reads num/processes of them. Fixing
-  # it makes the global batches independent of how many processes read them. None: one per
-  # process.
-  input_shards: int | None = None
-  shuffle: bool = True
-  pack: bool = True  # seqio.EncDecFeatureConverter(pack=True)
-  use_cached: bool = False  # read a cache made by seqio's cache_tasks_main
-  eval_split: str | None = 'validation'  # None: no validation
-
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -121,7 +102,7 @@ class TrainConfig:
   # Start a new run from pretrained weights: an HF T5/UL2 directory, a T5X checkpoint or one
   # of ours (optimizer state starts fresh). Ignored once model_dir has a checkpoint.
   init_from: str | None = None
-  # Peak FLOP/s of one device for MFU; None looks the device kind up in PEAK_FLOPS.
+  # Peak FLOP/s of one device for MFU; None looks the device kind up in flops.PEAK_FLOPS.
   peak_flops_per_device: float | None = None
   progress_bar: bool = True
   # A resumed run restores its input position only into the same input pipeline (task,
@@ -141,20 +122,6 @@ class TrainConfig:
             or isinstance(self.loss_normalizing_factor, (int, float))):
       raise ValueError("TrainConfig.loss_normalizing_factor must be 'num_real_target_tokens' "
                        f'or a number, got {self.loss_normalizing_factor!r}.')
-
-
-# Dense bfloat16 peak FLOP/s per chip, by `jax.Device.device_kind` prefix.
-PEAK_FLOPS = {
-    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
-    'TPU v6': 918e12, 'NVIDIA A100': 312e12, 'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12,
-}
-
-
-def peak_flops(device: jax.Device) -> float | None:
-  for prefix, flops in PEAK_FLOPS.items():
-    if device.device_kind.startswith(prefix):
-      return flops
-  return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,28 +210,22 @@ class TrainState:
   opt_state: Any
 
 
-def _dummy_inputs() -> tuple[jax.Array, ...]:
-  tokens = jnp.ones((1, 1), jnp.int32)
-  return tokens, tokens, tokens
-
-
-def _init_fn(model: network.Transformer, tx: optax.GradientTransformation
+def _init_fn(config: network.Config, tx: optax.GradientTransformation
              ) -> Callable[[jax.Array], TrainState]:
   def init(rng):
-    params = model.init(rng, *_dummy_inputs())['params']
-    params = nn.meta.unbox(params)
+    params = network.init_params(config, rng)
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
   return init
 
 
-def state_shardings(model: network.Transformer, tx: optax.GradientTransformation, mesh: Mesh,
+def state_shardings(config: network.Config, tx: optax.GradientTransformation, mesh: Mesh,
                     rules: partitioning.AxisRules) -> TrainState:
   """Shardings of every leaf of the train state, from the parameters' logical axes.
 
   Optimiser statistics shaped like their parameter share its sharding; Adafactor's factored
   row/column statistics (vectors) are replicated.
   """
-  boxed = jax.eval_shape(lambda r: model.init(r, *_dummy_inputs())['params'],
+  boxed = jax.eval_shape(lambda r: network.init_params(config, r, boxed=True),
                          jax.random.key(0))
   param_shardings = partitioning.logical_shardings(boxed, mesh, rules)
   params = nn.meta.unbox(boxed)
@@ -344,258 +305,60 @@ def make_eval_step(model: network.Transformer, z_loss: float) -> Callable[[Any, 
 
 
 # ----------------------------------------------------------------------------------------------
-# FLOPs
+# A compiled run: the mesh and the jitted, sharded functions
 # ----------------------------------------------------------------------------------------------
 
-def model_flops_per_step(cfg: network.Config, batch_size: int, inputs_length: int,
-                         targets_length: int) -> float:
-  """Analytic training FLOPs of one step: 3x the forward matmuls (forward + backward).
+@dataclasses.dataclass(frozen=True)
+class CompiledRun:
+  """The jitted, sharded functions of a run on its mesh (what `compile_run` builds)."""
 
-  Counts every matmul of attention (projections, scores, values, full not causal, as MFU
-  conventions do), the MLP and the logits; embeddings lookups and norms are not counted.
-  """
-  e, f, v = cfg.emb_dim, cfg.mlp_dim, cfg.vocab_size
-  hd = cfg.num_heads * cfg.head_dim
-  mlp = (len(cfg.mlp_activations) + 1) * e * f
-  li, lt = inputs_length, targets_length
-  encoder = li * cfg.num_encoder_layers * (4 * e * hd + 2 * li * hd + mlp)
-  decoder = cfg.num_decoder_layers * (
-      lt * (4 * e * hd + 2 * lt * hd)  # self-attention
-      + lt * 2 * e * hd + li * 2 * e * hd + lt * 2 * li * hd  # cross: q, o; k, v; scores
-      + lt * mlp)
-  logits = lt * e * v
-  forward_macs = encoder + decoder + logits
-  return 3 * 2 * forward_macs * batch_size
+  mesh: Mesh
+  model: network.Transformer
+  optimizer: optax.GradientTransformation
+  shardings: TrainState
+  per_layer_param_shardings: Any  # the checkpoint layout (T5X per-layer names)
+  init: Callable[[jax.Array], TrainState]
+  train_step: Callable[[TrainState, Batch], tuple[TrainState, dict]]  # donates the state
+  eval_step: Callable[[Any, Batch], dict]
 
-
-# ----------------------------------------------------------------------------------------------
-# Data: seqio task -> per-host numpy batches
-# ----------------------------------------------------------------------------------------------
-
-def _check_task(name: str):
-  import seqio  # only the seqio input path needs TensorFlow and seqio
-
-  try:
-    return seqio.get_mixture_or_task(name)
-  except ValueError:
-    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
-    raise ValueError(f'Unknown task or mixture {name!r} (DataConfig.task / '
-                     f'MIXTURE_OR_TASK_NAME). Registered: {", ".join(known)}. Import the '
-                     'module that registers it (gin: `import tasks`).') from None
+  def abstract_state(self) -> TrainState:
+    """The train state as sharded `jax.ShapeDtypeStruct`s: what a restore fills in."""
+    shapes = jax.eval_shape(_init_fn(self.model.config, self.optimizer), jax.random.key(0))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, self.shardings)
 
 
-def total_input_shards(data: DataConfig) -> int:
-  """The logical input shards of all processes together (default: one per process)."""
-  return data.input_shards or jax.process_count()
+def compile_run(model: network.Config, optimizer: OptimizerConfig, run: TrainConfig,
+                mesh: partitioning.MeshConfig,
+                devices: Sequence[jax.Device] | None = None) -> CompiledRun:
+  """Mesh, sharded init, and jitted train and eval steps under the logical-axis rules."""
+  device_mesh = partitioning.make_mesh(mesh, devices)
+  rules = partitioning.logical_axis_rules(mesh.parameter_partitioning_dims)
+  tx, schedule = make_optimizer(optimizer, run.steps)
+  shardings = state_shardings(model, tx, device_mesh, rules)
+  per_layer = shardings.params
+  if model.scan_layers:  # checkpoints hold per-layer names: their shardings too
+    per_layer = state_shardings(dataclasses.replace(model, scan_layers=False), tx, device_mesh,
+                                rules).params
+  batch_sharding = partitioning.data_sharding(device_mesh)
+  net = network.Transformer(model)
 
+  def in_mesh(fn):
+    @functools.wraps(fn)
+    def wrapped(*args):
+      with jax.set_mesh(device_mesh), nn.logical_axis_rules(rules):
+        return fn(*args)
+    return wrapped
 
-def input_shards(data: DataConfig) -> list[int]:
-  """The logical input shards this process reads."""
-  processes = jax.process_count()
-  total = total_input_shards(data)
-  if total % processes:
-    raise ValueError(f'DataConfig.input_shards={total} must be a multiple of the '
-                     f'{processes} processes.')
-  per_process = total // processes
-  first = jax.process_index() * per_process
-  return list(range(first, first + per_process))
-
-
-def input_layout(data: DataConfig, seed: int) -> dict[str, Any]:
-  """Everything that decides which examples this process's training pipelines yield, in order."""
-  return {'task': data.task, 'feature_lengths': dict(data.feature_lengths),
-          'batch_size': data.batch_size, 'pack': data.pack, 'shuffle': data.shuffle,
-          'use_cached': data.use_cached, 'seed': seed, 'processes': jax.process_count(),
-          'input_shards': total_input_shards(data), 'shards_of_this_process': input_shards(data)}
-
-
-def make_datasets(data: DataConfig, split: str, seed: int, repeat: bool,
-                  shuffle: bool) -> list:
-  """One tf.data pipeline per input shard of this process, each batched to its rows."""
-  import seqio
-
-  task = _check_task(data.task)
-  shards = input_shards(data)
-  total = total_input_shards(data)
-  rows = data.batch_size // total
-  if data.batch_size % total:
-    raise ValueError(f'Batch size {data.batch_size} must be divisible by the {total} input '
-                     'shards.')
-  converter = seqio.EncDecFeatureConverter(pack=data.pack)
-  out = []
-  for shard in shards:
-    ds = task.get_dataset(dict(data.feature_lengths), split=split, shuffle=shuffle, seed=seed,
-                          shard_info=seqio.ShardInfo(index=shard, num_shards=total),
-                          num_epochs=None if repeat else 1, use_cached=data.use_cached)
-    # Only the model's features: the converter would drop (and warn about) e.g. `denoiser`.
-    ds = ds.map(lambda ex: {k: ex[k] for k in ('inputs', 'targets')})
-    ds = converter(ds, dict(data.feature_lengths))
-    out.append(ds.batch(rows, drop_remainder=True).prefetch(2))
-  return out
-
-
-class HostBatches:
-  """Zips this process's shard pipelines into its rows of each global batch; checkpointable.
-
-  The position is saved as tf.data iterator state. Pipelines that tf.data cannot serialise
-  (a Python-generator source: jsonl, HF datasets, SuperGLUE) save the number of batches
-  consumed instead and are replayed to it on restore: slower to resume, equally exact.
-  """
-
-  def __init__(self, datasets: Sequence, layout: Mapping[str, Any] | None = None):
-    self.iterators = [iter(ds) for ds in datasets]
-    self.consumed = 0
-    # What the pipelines were built from (`input_layout`); saved beside the position, since a
-    # position only means something in the pipeline that produced it. Kept as JSON reads it
-    # back (tuples as lists), so that it compares equal to a saved copy.
-    self.layout = json.loads(json.dumps(dict(layout or {})))
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    parts = [{k: v.numpy() for k, v in next(it).items()} for it in self.iterators]
-    self.consumed += 1
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-  def save(self, path: str) -> None:
-    import tensorflow as tf
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + '.layout.json', 'w') as f:
-      json.dump(self.layout, f, indent=1)
-    try:
-      tf.train.Checkpoint(**self._named()).write(path)
-    except tf.errors.FailedPreconditionError:  # e.g. "PyFunc is stateful"
-      with open(path + '.json', 'w') as f:
-        json.dump({'batches_consumed': self.consumed}, f)
-
-  @staticmethod
-  def saved(path: str) -> bool:
-    return os.path.exists(path + '.index') or os.path.exists(path + '.json')
-
-  def layout_changes(self, path: str) -> list[str]:
-    """The layout fields that differ from those the position at `path` was saved with."""
-    if not os.path.exists(path + '.layout.json'):
-      return []  # written before layouts were saved: nothing to compare
-    with open(path + '.layout.json') as f:
-      return self._describe_changes(json.load(f))
-
-  def _describe_changes(self, saved: Mapping[str, Any]) -> list[str]:
-    """
-    >>> batches = HostBatches([], {'task': 'ul2_mod_c4', 'batch_size': 128})
-    >>> batches._describe_changes({'task': 'ul2_mod_c4', 'batch_size': 64})
-    ['batch_size: 64 -> 128']
-    """
-    keys = sorted(set(saved) | set(self.layout))
-    return [f'{k}: {saved.get(k)} -> {self.layout.get(k)}' for k in keys
-            if saved.get(k) != self.layout.get(k)]
-
-  def restore(self, path: str) -> None:
-    import tensorflow as tf
-    if os.path.exists(path + '.index'):
-      tf.train.Checkpoint(**self._named()).read(path).assert_consumed()
-      return
-    with open(path + '.json') as f:
-      target = json.load(f)['batches_consumed']
-    while self.consumed < target:
-      next(self)
-
-  def _named(self):
-    return {f'shard_{i}': it for i, it in enumerate(self.iterators)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------
-
-class Checkpoints:
-  """Orbax checkpoints of the train state plus each process's input position, per step.
-
-  Parameters are saved with T5X's per-layer names even when the model scans its layers, so a
-  checkpoint restores into T5X and into a model with either layout. A step exists only once
-  orbax has finalised it (it writes to a temporary directory and renames it), and the input
-  positions are written before the state, so a listed step always has both.
-  """
-
-  def __init__(self, model_dir: str, run: TrainConfig, model_cfg: network.Config):
-    self.model_cfg = model_cfg
-    self.data_dir = os.path.join(model_dir, 'data')
-    self.manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(model_dir, 'checkpoints')),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=run.keep_checkpoints,
-            enable_async_checkpointing=run.async_checkpointing,
-            cleanup_tmp_directories=True))
-
-  @property
-  def directory(self) -> str:
-    return str(self.manager.directory)
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
-  def _data_path(self, step: int) -> str:
-    return os.path.join(self.data_dir, str(step), f'process_{jax.process_index()}')
-
-  def save(self, step: int, state: TrainState, data: HostBatches | None) -> None:
-    if data is not None:
-      data.save(self._data_path(step))
-    item = {'step': state.step, 'params': network.unstack_layers(state.params, self.model_cfg),
-            'opt_state': state.opt_state}
-    self.manager.save(step, args=ocp.args.StandardSave(item), force=True)
-    self._remove_stale_data()
-
-  def _remove_stale_data(self) -> None:
-    if jax.process_index() != 0 or not os.path.isdir(self.data_dir):
-      return
-    kept = set(self.manager.all_steps())
-    oldest = min(kept) if kept else None
-    for name in os.listdir(self.data_dir):
-      if name.isdigit() and oldest is not None and int(name) < oldest:
-        shutil.rmtree(os.path.join(self.data_dir, name), ignore_errors=True)
-
-  def restore(self, step: int, abstract: TrainState, per_layer_shardings: Any,
-              data: HostBatches | None, resume_input: str = 'exact',
-              log: Callable[[str], None] = print) -> TrainState:
-    params_abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        network.unstack_layers(abstract.params, self.model_cfg),
-        per_layer_shardings)
-    item = {'step': abstract.step, 'params': params_abstract, 'opt_state': abstract.opt_state}
-    restored = self.manager.restore(step, args=ocp.args.StandardRestore(item))
-    params = restored['params']
-    if self.model_cfg.scan_layers:
-      params = network.stack_layers(params, self.model_cfg)
-    if data is not None:
-      self._restore_position(step, data, resume_input, log)
-    return TrainState(restored['step'], params, restored['opt_state'])
-
-  def _restore_position(self, step: int, data: HostBatches, resume_input: str,
-                        log: Callable[[str], None]) -> None:
-    path = self._data_path(step)
-    if not HostBatches.saved(path):
-      changes = [f'no input position for process {jax.process_index()} at {path} (written '
-                 'by fewer processes?)']
-    else:
-      changes = data.layout_changes(path)
-    if not changes:
-      data.restore(path)
-    elif resume_input == 'restart':
-      log(f'The input pipeline changed since step {step} ({"; ".join(changes)}): it starts '
-          'from its beginning (TrainConfig.resume_input=restart).')
-    else:
-      raise ValueError(
-          f'Cannot resume the input position of checkpoint step {step}: the input pipeline '
-          f'changed ({"; ".join(changes)}). Run with the settings it was written with, or '
-          "set TrainConfig.resume_input='restart' (flag: --gin.train.TrainConfig."
-          """resume_input="'restart'") to keep the model and optimizer state and start the """
-          'new pipeline from its beginning.')
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
-  def close(self) -> None:
-    self.manager.close()
+  return CompiledRun(
+      mesh=device_mesh, model=net, optimizer=tx, shardings=shardings,
+      per_layer_param_shardings=per_layer,
+      init=in_mesh(jax.jit(_init_fn(model, tx), out_shardings=shardings)),
+      train_step=in_mesh(jax.jit(make_train_step(net, tx, schedule, run),
+                                 in_shardings=(shardings, batch_sharding),
+                                 out_shardings=(shardings, None), donate_argnums=(0,))),
+      eval_step=in_mesh(jax.jit(make_eval_step(net, run.z_loss),
+                                in_shardings=(shardings.params, batch_sharding))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -612,74 +375,7 @@ class TrainResult:
   metrics_history: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
-def abstract_state(model: network.Transformer, tx: optax.GradientTransformation,
-                   shardings: TrainState) -> TrainState:
-  shapes = jax.eval_shape(_init_fn(model, tx), jax.random.key(0))
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      shapes, shardings)
-
-
-@dataclasses.dataclass(frozen=True)
-class Steps:
-  """The jitted, sharded functions of a run on its mesh."""
-
-  mesh: Mesh
-  model: network.Transformer
-  optimizer: optax.GradientTransformation
-  shardings: TrainState
-  per_layer_param_shardings: Any  # the checkpoint layout (T5X per-layer names)
-  init: Callable[[jax.Array], TrainState]
-  train_step: Callable[[TrainState, Batch], tuple[TrainState, dict]]  # donates the state
-  eval_step: Callable[[Any, Batch], dict]
-
-
-def build_steps(model: network.Config, optimizer: OptimizerConfig, run: TrainConfig,
-                mesh: partitioning.MeshConfig,
-                devices: Sequence[jax.Device] | None = None) -> Steps:
-  """Mesh, sharded init, and jitted train and eval steps under the logical-axis rules."""
-  device_mesh = partitioning.make_mesh(mesh, devices)
-  rules = partitioning.logical_axis_rules(mesh.parameter_partitioning_dims)
-  net = network.Transformer(model)
-  tx, schedule = make_optimizer(optimizer, run.steps)
-  shardings = state_shardings(net, tx, device_mesh, rules)
-  per_layer = shardings.params
-  if model.scan_layers:  # checkpoints hold per-layer names: their shardings too
-    per_layer_net = network.Transformer(dataclasses.replace(model, scan_layers=False))
-    per_layer = state_shardings(per_layer_net, tx, device_mesh, rules).params
-  batch_sharding = partitioning.data_sharding(device_mesh)
-
-  def in_mesh(fn):
-    @functools.wraps(fn)
-    def wrapped(*args):
-      with jax.set_mesh(device_mesh), nn.logical_axis_rules(rules):
-        return fn(*args)
-    return wrapped
-
-  return Steps(
-      mesh=device_mesh, model=net, optimizer=tx, shardings=shardings,
-      per_layer_param_shardings=per_layer,
-      init=in_mesh(jax.jit(_init_fn(net, tx), out_shardings=shardings)),
-      train_step=in_mesh(jax.jit(make_train_step(net, tx, schedule, run),
-                                 in_shardings=(shardings, batch_sharding),
-                                 out_shardings=(shardings, None), donate_argnums=(0,))),
-      eval_step=in_mesh(jax.jit(make_eval_step(net, run.z_loss),
-                                in_shardings=(shardings.params, batch_sharding))))
-
-
-def _state_from_pretrained(path: str, model: network.Config, steps: Steps) -> TrainState:
-  """Pretrained parameters, sharded as the run shards them, with a fresh optimizer state."""
-  from ul2 import interop
-
-  params = interop.load_pretrained(path, model)
-  if model.scan_layers:
-    params = network.stack_layers(params, model)
-  params = jax.device_put(params, steps.shardings.params)
-  opt_state = jax.jit(steps.optimizer.init, out_shardings=steps.shardings.opt_state)(params)
-  return TrainState(jax.device_put(jnp.zeros((), jnp.int32), steps.shardings.step), params,
-                    opt_state)
-
-
-def train(*, model: network.Config, data: DataConfig, run: TrainConfig,
+def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
           optimizer: OptimizerConfig = OptimizerConfig(),
           mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
           devices: Sequence[jax.Device] | None = None,
@@ -687,135 +383,125 @@ def train(*, model: network.Config, data: DataConfig, run: TrainConfig,
           log: Callable[[str], None] = print) -> TrainResult:
   """Trains (or resumes training) until `run.steps`; returns the state and per-step metrics.
 
-  `batches` replaces the seqio input (host-local numpy batches with the feature converter's
-  keys), for synthetic benchmarks; such a run cannot checkpoint its input position.
+  `batches` replaces the seqio input with given host batches (the feature converter's keys):
+  they have no position to save, so such a run neither validates, checkpoints nor writes
+  summaries.
   """
-  # --- Mesh, model, optimiser ------------------------------------------------------------
-  steps = build_steps(model, optimizer, run, mesh, devices)
-  device_mesh, shardings = steps.mesh, steps.shardings
-  partitioning.check_batch_size(data.batch_size, device_mesh, run.microbatches)
-  init, step_fn, eval_fn = steps.init, steps.train_step, steps.eval_step
-  net, tx = steps.model, steps.optimizer
+  compiled = compile_run(model, optimizer, run, mesh, devices)
+  partitioning.check_batch_size(data.batch_size, compiled.mesh, run.microbatches)
   os.makedirs(run.model_dir, exist_ok=True)
-  is_chief = jax.process_index() == 0
-
-  # --- Data --------------------------------------------------------------------------------
-  host_batches = None
-  if batches is None:
-    host_batches = HostBatches(make_datasets(data, 'train', run.seed, repeat=True,
-                                             shuffle=data.shuffle),
-                               input_layout(data, run.seed))
-    batches = host_batches
-
-  # --- State: fresh, or resumed with its input position --------------------------------------
-  checkpoints = Checkpoints(run.model_dir, run, model)
-  latest = checkpoints.latest_step()
-  if latest is not None:
-    state = checkpoints.restore(latest, abstract_state(net, tx, shardings),
-                                steps.per_layer_param_shardings, host_batches,
-                                run.resume_input, log)
-    log(f'Resumed from {checkpoints.directory}/{latest} (step {int(state.step)}).')
-  elif run.init_from:
-    state = _state_from_pretrained(run.init_from, model, steps)
-    log(f'Initialised {network.count_parameters(state.params):,} parameters from '
-        f'{run.init_from}.')
-  else:
-    state = init(jax.random.key(run.seed))
-    log(f'Initialised {network.count_parameters(state.params):,} parameters on a '
-        f'{dict(device_mesh.shape)} mesh of {device_mesh.devices.size} devices.')
-  if is_chief:
-    with open(os.path.join(run.model_dir, 'model_config.json'), 'w') as f:
-      json.dump(dataclasses.asdict(model), f, indent=1)
+  inputs = _Inputs.build(data, run, batches, log)
+  checkpoints = checkpoints_lib.Checkpoints(run.model_dir, model, run.keep_checkpoints,
+                                            run.async_checkpointing)
+  state = _initial_state(compiled, checkpoints, inputs, model, run, log)
+  checkpoints_lib.write_model_config(run.model_dir, model)
   start = int(state.step)
+  records = _Records(run, model, data, compiled.mesh, start,
+                     summaries=inputs.pipeline is not None, log=log)
+  best = checkpoints_lib.read_best(run.model_dir)
 
-  eval_batches = None
-  if data.eval_split and batches is host_batches:
-    eval_sets = make_datasets(data, data.eval_split, seed=0, repeat=False, shuffle=False)
-    eval_batches = [b for _, b in zip(range(run.eval_batches), HostBatches(eval_sets))]
-    if not eval_batches:
-      log(f'Validation split {data.eval_split!r} gave no full batch; validation is off.')
-      eval_batches = None
-
-  def validate(params) -> dict[str, float]:
-    totals = None
-    for b in eval_batches:
-      sums = jax.device_get(eval_fn(params, partitioning.global_batch(b, device_mesh)))
-      totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
-    weight = max(float(totals['weight']), 1.0)
-    return {'loss': float(totals['cross_entropy'] + totals['z_loss']) / weight,
-            'cross_entropy': float(totals['cross_entropy']) / weight,
-            'accuracy': float(totals['correct']) / weight}
-
-  # --- Logging ------------------------------------------------------------------------------
-  lengths = data.feature_lengths
-  flops = model_flops_per_step(model, data.batch_size, lengths['inputs'], lengths['targets'])
-  peak = run.peak_flops_per_device or peak_flops(device_mesh.devices.flat[0])
-  tokens_per_step = data.batch_size * (lengths['inputs'] + lengths['targets'])
-  writers = _summary_writers(run.model_dir) if is_chief and host_batches is not None else None
-  bar = _progress(run, start, is_chief)
-
-  history, eval_history, metrics_history, pending = [], [], [], []
-  best = _read_best(run.model_dir)
-  last_time, last_step = time.perf_counter(), start
   for step in range(start, run.steps):
-    batch = partitioning.global_batch(next(batches), device_mesh)
-    state, metrics = step_fn(state, batch)
-    pending.append((step + 1, metrics))
+    state, metrics = compiled.train_step(
+        state, partitioning.global_batch(next(inputs.train), compiled.mesh))
     done = step + 1
-    if done % run.log_every == 0 or done == run.steps:
-      # One device-to-host transfer per log interval: the only sync point of the loop.
-      fetched = jax.device_get([m for _, m in pending])
-      now = time.perf_counter()
-      seconds_per_step = (now - last_time) / (done - last_step)
-      last_time, last_step = now, done
-      for (s, _), m in zip(pending, fetched):
-        entry = {'step': s, **{k: float(v) for k, v in m.items()}}
-        entry['tokens_per_s'] = tokens_per_step / seconds_per_step
-        entry['mfu'] = flops / seconds_per_step / (peak * device_mesh.devices.size) if peak else None
-        history.append(entry)
-        if writers:
-          _write_scalars(writers['train'], s, entry)
-      pending = []
-      if bar is not None:
-        last = history[-1]
-        bar.set_postfix(loss=f'{last["loss"]:.3f}', tok_s=f'{last["tokens_per_s"]:,.0f}',
-                        refresh=False)
-        bar.update(done - bar.n)
-    if eval_batches is not None and (done % run.eval_every == 0 or done == run.steps):
-      result = {'step': done, **validate(state.params)}
-      eval_history.append(result)
-      if writers:
-        _write_scalars(writers['validation'], done, result)
-      log_line = f'step {done}: validation loss {result["loss"]:.4f}, accuracy ' \
-                 f'{result["accuracy"]:.3f}'
-      (bar.write if bar is not None else log)(log_line)
-    if run.metrics_every and data.eval_split and (done % run.metrics_every == 0
-                                                  or done == run.steps):
-      metrics = _task_metrics(net, state.params, data, run)
-      metrics_history.append({'step': done, **metrics})
-      if writers:
-        _write_scalars(writers['validation'], done, metrics)
-      line = f'step {done}: ' + ', '.join(f'{k} {v:.2f}' for k, v in metrics.items())
-      (bar.write if bar is not None else log)(line)
+    records.add(done, metrics)
+    if _due(done, run.log_every, run.steps):
+      records.flush(done)
+    if inputs.validation and _due(done, run.eval_every, run.steps):
+      records.validation(done, _validate(compiled, state.params, inputs.validation))
+    if run.metrics_every and data.eval_split and _due(done, run.metrics_every, run.steps):
+      task_metrics = _task_metrics(compiled.model, state.params, data, run)
+      records.task_metrics(done, task_metrics)
       if run.keep_best:
-        best = _keep_best(run, done, metrics, state.params, model, best)
-    if host_batches is not None and (done % run.checkpoint_every == 0 or done == run.steps):
-      checkpoints.save(done, state, host_batches)
+        best = _keep_best(run, done, task_metrics, state.params, model, best)
+    if inputs.pipeline is not None and _due(done, run.checkpoint_every, run.steps):
+      checkpoints.save(done, state, inputs.pipeline)
 
   checkpoints.wait()
   checkpoints.close()
-  if bar is not None:
-    bar.close()
-  if writers:
-    for w in writers.values():
-      w.flush()
-  if is_chief and host_batches is not None:
-    log(f'Checkpoints: {checkpoints.directory}  (steps {checkpoints.manager.all_steps()})')
+  records.close()
+  if jax.process_index() == 0 and inputs.pipeline is not None:
+    log(f'Checkpoints: {checkpoints.directory}  (steps {checkpoints.all_steps()})')
     log(f'TensorBoard: tensorboard --logdir {os.path.abspath(run.model_dir)}')
-  return TrainResult(state, history, eval_history, run.model_dir, start, metrics_history)
+  return TrainResult(state, records.history, records.eval_history, run.model_dir, start,
+                     records.metrics_history)
 
 
-def _task_metrics(net: network.Transformer, params: Any, data: DataConfig,
+def _due(step: int, every: int, last: int) -> bool:
+  """A cadence: every `every` steps, and at the last step."""
+  return step % every == 0 or step == last
+
+
+@dataclasses.dataclass
+class _Inputs:
+  """What the loop reads: training batches, the seqio pipeline behind them (its position is
+  checkpointed; None for given batches) and the validation batches (None: no validation)."""
+
+  train: Iterator[dict[str, np.ndarray]]
+  pipeline: data_lib.HostBatches | None
+  validation: list[dict[str, np.ndarray]] | None
+
+  @classmethod
+  def build(cls, data: data_lib.DataConfig, run: TrainConfig,
+            batches: Iterator[dict[str, np.ndarray]] | None,
+            log: Callable[[str], None]) -> _Inputs:
+    if batches is not None:
+      return cls(batches, None, None)
+    pipeline = data_lib.HostBatches(
+        data_lib.make_datasets(data, 'train', run.seed, repeat=True, shuffle=data.shuffle),
+        data_lib.input_layout(data, run.seed))
+    validation = None
+    if data.eval_split:
+      eval_sets = data_lib.make_datasets(data, data.eval_split, seed=0, repeat=False,
+                                         shuffle=False)
+      validation = [b for _, b in zip(range(run.eval_batches),
+                                      data_lib.HostBatches(eval_sets))]
+      if not validation:
+        log(f'Validation split {data.eval_split!r} gave no full batch; validation is off.')
+    return cls(pipeline, pipeline, validation or None)
+
+
+def _initial_state(compiled: CompiledRun, checkpoints: checkpoints_lib.Checkpoints,
+                   inputs: _Inputs, model: network.Config, run: TrainConfig,
+                   log: Callable[[str], None]) -> TrainState:
+  """The latest checkpoint with its input position; else `run.init_from`; else fresh."""
+  latest = checkpoints.latest_step()
+  if latest is not None:
+    restored = checkpoints.restore(latest, compiled.abstract_state(),
+                                   compiled.per_layer_param_shardings)
+    if inputs.pipeline is not None:
+      checkpoints.restore_position(latest, inputs.pipeline, run.resume_input, log)
+    state = TrainState(**restored)
+    log(f'Resumed from {checkpoints.directory}/{latest} (step {int(state.step)}).')
+    return state
+  if run.init_from:
+    # Pretrained parameters, sharded as the run shards them, with a fresh optimizer state.
+    params, _ = checkpoints_lib.load(run.init_from, model)
+    params = jax.device_put(params, compiled.shardings.params)
+    opt_state = jax.jit(compiled.optimizer.init,
+                        out_shardings=compiled.shardings.opt_state)(params)
+    log(f'Initialised {network.count_parameters(params):,} parameters from {run.init_from}.')
+    return TrainState(jax.device_put(jnp.zeros((), jnp.int32), compiled.shardings.step),
+                      params, opt_state)
+  state = compiled.init(jax.random.key(run.seed))
+  log(f'Initialised {network.count_parameters(state.params):,} parameters on a '
+      f'{dict(compiled.mesh.shape)} mesh of {compiled.mesh.devices.size} devices.')
+  return state
+
+
+def _validate(compiled: CompiledRun, params: Any,
+              batches: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+  totals = None
+  for b in batches:
+    sums = jax.device_get(compiled.eval_step(params, partitioning.global_batch(b, compiled.mesh)))
+    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  weight = max(float(totals['weight']), 1.0)
+  return {'loss': float(totals['cross_entropy'] + totals['z_loss']) / weight,
+          'cross_entropy': float(totals['cross_entropy']) / weight,
+          'accuracy': float(totals['correct']) / weight}
+
+
+def _task_metrics(net: network.Transformer, params: Any, data: data_lib.DataConfig,
                   run: TrainConfig) -> dict[str, float]:
   from ul2 import evaluation
   return evaluation.evaluate(net, params, data.task, feature_lengths=data.feature_lengths,
@@ -823,36 +509,91 @@ def _task_metrics(net: network.Transformer, params: Any, data: DataConfig,
                              max_examples=run.metrics_examples).metrics
 
 
-def _read_best(model_dir: str) -> dict | None:
-  path = os.path.join(model_dir, 'best.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  return None
-
-
 def _keep_best(run: TrainConfig, step: int, metrics: Mapping[str, float], params: Any,
                model: network.Config, best: dict | None) -> dict | None:
-  """Saves the parameters to model_dir/best/ when `run.keep_best` improved; returns the best."""
+  """Saves the parameters as the best when `run.keep_best` improved; returns the best."""
   if run.keep_best not in metrics:
     raise ValueError(f'TrainConfig.keep_best={run.keep_best!r} is not one of the task\'s '
                      f'metrics {sorted(metrics)}.')
-  value = metrics[run.keep_best]
-  if best is not None and value <= best['value']:
+  if best is not None and metrics[run.keep_best] <= best['value']:
     return best
-  path = os.path.abspath(os.path.join(run.model_dir, 'best'))
-  ocp.PyTreeCheckpointer().save(path, {'params': network.unstack_layers(params, model)},
-                                force=True)
-  best = {'step': step, 'metric': run.keep_best, 'value': value, 'metrics': dict(metrics)}
-  if jax.process_index() == 0:
-    with open(os.path.join(run.model_dir, 'best.json'), 'w') as f:
-      json.dump(best, f, indent=1)
-  return best
+  return checkpoints_lib.save_best(run.model_dir, step, run.keep_best, metrics, params, model)
 
 
-def _progress(run: TrainConfig, start: int, is_chief: bool):
-  if not (run.progress_bar and is_chief):
-    return None
+class _Records:
+  """The run's record: per-step metrics with throughput, validation and task metrics, kept
+  in memory, written to TensorBoard (chief, `summaries`) and shown on a progress bar.
+
+  Step metrics stay on the device until `flush`: one device-to-host transfer per log
+  interval is the loop's only sync point.
+  """
+
+  def __init__(self, run: TrainConfig, model: network.Config, data: data_lib.DataConfig,
+               mesh: Mesh, start: int, summaries: bool, log: Callable[[str], None]):
+    lengths = data.feature_lengths
+    self.flops = flops_lib.flops_per_step(model, data.batch_size, lengths['inputs'],
+                                          lengths['targets'])
+    self.tokens_per_step = data.batch_size * (lengths['inputs'] + lengths['targets'])
+    self.devices = mesh.devices.size
+    self.peak = run.peak_flops_per_device or flops_lib.peak_flops(mesh.devices.flat[0])
+    is_chief = jax.process_index() == 0
+    self.writers = _summary_writers(run.model_dir) if is_chief and summaries else None
+    self.bar = _progress_bar(run, start) if is_chief and run.progress_bar else None
+    self.log = self.bar.write if self.bar is not None else log
+    self.history, self.eval_history, self.metrics_history = [], [], []
+    self.pending = []
+    self.last_time, self.last_step = time.perf_counter(), start
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self.pending.append((step, metrics))
+
+  def flush(self, step: int) -> None:
+    fetched = jax.device_get([m for _, m in self.pending])
+    now = time.perf_counter()
+    seconds_per_step = (now - self.last_time) / (step - self.last_step)
+    self.last_time, self.last_step = now, step
+    rates = flops_lib.throughput(self.flops, self.tokens_per_step, seconds_per_step,
+                                 self.devices, self.peak)
+    for (s, _), m in zip(self.pending, fetched):
+      entry = {'step': s, **{k: float(v) for k, v in m.items()},
+               'tokens_per_s': rates['tokens_per_s'], 'mfu': rates['mfu']}
+      self.history.append(entry)
+      self._write('train', s, entry)
+    self.pending = []
+    if self.bar is not None:
+      last = self.history[-1]
+      self.bar.set_postfix(loss=f'{last["loss"]:.3f}', tok_s=f'{last["tokens_per_s"]:,.0f}',
+                           refresh=False)
+      self.bar.update(step - self.bar.n)
+
+  def validation(self, step: int, result: dict[str, float]) -> None:
+    self.eval_history.append({'step': step, **result})
+    self._write('validation', step, result)
+    self.log(f'step {step}: validation loss {result["loss"]:.4f}, accuracy '
+             f'{result["accuracy"]:.3f}')
+
+  def task_metrics(self, step: int, metrics: dict[str, float]) -> None:
+    self.metrics_history.append({'step': step, **metrics})
+    self._write('validation', step, metrics)
+    self.log(f'step {step}: ' + ', '.join(f'{k} {v:.2f}' for k, v in metrics.items()))
+
+  def _write(self, split: str, step: int, values: Mapping[str, float | None]) -> None:
+    if self.writers is None:
+      return
+    import tensorflow as tf
+    with self.writers[split].as_default(step=step):
+      for name, value in values.items():
+        if name != 'step' and value is not None:
+          tf.summary.scalar(name, value)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+    for writer in (self.writers or {}).values():
+      writer.flush()
+
+
+def _progress_bar(run: TrainConfig, start: int):
   from tqdm import tqdm
   return tqdm(total=run.steps, initial=start, desc='train', unit='step', dynamic_ncols=True)
 
@@ -861,11 +602,3 @@ def _summary_writers(model_dir: str) -> dict[str, Any]:
   import tensorflow as tf
   return {split: tf.summary.create_file_writer(os.path.join(model_dir, split))
           for split in ('train', 'validation')}
-
-
-def _write_scalars(writer, step: int, values: Mapping[str, float | None]) -> None:
-  import tensorflow as tf
-  with writer.as_default(step=step):
-    for name, value in values.items():
-      if name != 'step' and value is not None:
-        tf.summary.scalar(name, value)

@@ -1,0 +1,105 @@
+"""The model directory: one `checkpoints.load` for every folder a user points at, and the layout
+a run writes."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import train_setup
+from train_setup import TINY
+from ul2 import checkpoints, interop, network
+
+
+def assert_trees_equal(a, b):
+  fa, fb = network.flatten_params(a), network.flatten_params(b)
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+
+
+@pytest.fixture(scope='module')
+def model_dir(tmp_path_factory):
+  """A 3-step run with checkpoints at steps 2 and 3: (model_dir, final parameters)."""
+  path = str(tmp_path_factory.mktemp('run'))
+  result = train_setup.run(path, steps=3, checkpoint_every=2, eval_split=None)
+  return path, jax.device_get(result.state.params)
+
+
+def test_a_run_writes_the_documented_layout(model_dir):
+  path, _ = model_dir
+  assert sorted(os.listdir(os.path.join(path, checkpoints.CHECKPOINTS))) == ['2', '3']
+  assert sorted(os.listdir(os.path.join(path, checkpoints.DATA))) == ['2', '3']
+  assert sorted(os.listdir(os.path.join(path, checkpoints.DATA, '3'))) == [
+      'process_0.data-00000-of-00001', 'process_0.index', 'process_0.layout.json']
+  saved = json.loads(open(os.path.join(path, checkpoints.MODEL_CONFIG)).read())
+  assert network.Config(**saved) == TINY
+
+
+def test_every_way_to_name_a_run_loads_its_latest_parameters(model_dir):
+  path, params = model_dir
+  for name in (path, os.path.join(path, 'checkpoints'), os.path.join(path, 'checkpoints', '3')):
+    loaded, config = checkpoints.load(name)
+    assert config == TINY, name
+    assert_trees_equal(loaded, params)
+  older, _ = checkpoints.load(os.path.join(path, 'checkpoints', '2'))
+  assert not np.array_equal(older['encoder']['encoder_norm']['scale'],
+                            params['encoder']['encoder_norm']['scale'])
+
+
+def test_a_scanned_config_gets_scanned_parameters(model_dir):
+  """Checkpoints hold per-layer names; `load` hands back the layout the config asks for."""
+  path, params = model_dir
+  scanned = dataclasses.replace(TINY, scan_layers=True)
+  loaded, config = checkpoints.load(path, scanned)
+  assert config == scanned
+  assert loaded['encoder']['layers']['mlp']['wo']['kernel'].shape[0] == TINY.num_encoder_layers
+  assert_trees_equal(loaded, network.stack_layers(params, scanned))
+
+
+def test_exported_formats_load_through_the_same_function(model_dir, tmp_path):
+  path, params = model_dir
+  interop.save_hf(params, TINY, str(tmp_path / 'hf'))
+  loaded, config = checkpoints.load(str(tmp_path / 'hf'))
+  assert config == TINY
+  assert_trees_equal(loaded, params)
+  t5x = interop.save_t5x_tensorstore(params, TINY, str(tmp_path / 't5x'), 3)
+  loaded, config = checkpoints.load(t5x, TINY)
+  assert_trees_equal(loaded, params)
+  with pytest.raises(FileNotFoundError, match='--gin_file=models/<size>.gin'):
+    checkpoints.load(t5x)  # a T5X folder says nothing about the network
+  ocp.PyTreeCheckpointer().save(str(tmp_path / 'checkpoint_3'), {'target': params})
+  assert_trees_equal(checkpoints.load(str(tmp_path / 'checkpoint_3'), TINY)[0], params)
+
+
+def test_the_wrong_config_or_a_missing_folder_is_refused(model_dir, tmp_path):
+  path, _ = model_dir
+  with pytest.raises(ValueError, match='parameters do not match the model config'):
+    checkpoints.load(path, dataclasses.replace(TINY, mlp_dim=128))
+  with pytest.raises(FileNotFoundError, match='No checkpoint at'):
+    checkpoints.load(str(tmp_path / 'nowhere'))
+
+
+def test_load_model_is_ready_for_inference(model_dir):
+  path, params = model_dir
+  model, loaded = checkpoints.load_model(path, dataclasses.replace(TINY, dropout_rate=0.1))
+  assert model.config == TINY  # dropout off
+  assert_trees_equal(loaded, params)
+
+
+def test_best_parameters_round_trip(tmp_path):
+  params = network.init_params(TINY, jax.random.key(3))
+  assert checkpoints.read_best(str(tmp_path)) is None
+  checkpoints.write_model_config(str(tmp_path), TINY)
+  record = checkpoints.save_best(str(tmp_path), 7, 'accuracy', {'accuracy': 75.0, 'f1': 60.0},
+                                 params, TINY)
+  assert record == checkpoints.read_best(str(tmp_path)) == {
+      'step': 7, 'metric': 'accuracy', 'value': 75.0,
+      'metrics': {'accuracy': 75.0, 'f1': 60.0}}
+  loaded, config = checkpoints.load(str(tmp_path / checkpoints.BEST))
+  assert config == TINY
+  assert_trees_equal(loaded, params)

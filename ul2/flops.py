@@ -1,0 +1,69 @@
+"""Training FLOPs of the network and model FLOPs utilisation (MFU): the one place both the
+trainer's logs and `scripts/bench_train.py` take their throughput figures from.
+
+    >>> cfg = network.Config(vocab_size=10, emb_dim=2, num_heads=1, head_dim=2, mlp_dim=4,
+    ...                      num_encoder_layers=1, num_decoder_layers=1)
+    >>> per_step = flops_per_step(cfg, batch_size=1, inputs_length=3, targets_length=2)
+    >>> per_step
+    2136
+    >>> rates = throughput(per_step, tokens_per_step=5, seconds_per_step=0.5,
+    ...                    devices=2, peak_flops_per_device=1e4)
+    >>> rates['tokens_per_s'], round(rates['mfu'], 4)
+    (10.0, 0.2136)
+
+MFU is the analytic model FLOPs done per second over the devices' dense peak, as the PaLM
+paper defines it: recomputation (remat) and padding are not credited, so it compares honestly
+across settings.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from ul2 import network
+
+# Dense bfloat16 peak FLOP/s per chip, by `jax.Device.device_kind` prefix.
+PEAK_FLOPS = {
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
+    'TPU v6': 918e12, 'NVIDIA A100': 312e12, 'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12,
+}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  """The device's dense bfloat16 peak FLOP/s, or None for a kind not in `PEAK_FLOPS` (CPUs)."""
+  for prefix, flops in PEAK_FLOPS.items():
+    if device.device_kind.startswith(prefix):
+      return flops
+  return None
+
+
+def flops_per_step(cfg: network.Config, batch_size: int, inputs_length: int,
+                   targets_length: int) -> float:
+  """Analytic training FLOPs of one step: 3x the forward matmuls (forward + backward).
+
+  Counts every matmul of attention (projections, scores, values, full not causal, as MFU
+  conventions do), the MLP and the logits; embeddings lookups and norms are not counted.
+  """
+  e, f, v = cfg.emb_dim, cfg.mlp_dim, cfg.vocab_size
+  hd = cfg.num_heads * cfg.head_dim
+  mlp = (len(cfg.mlp_activations) + 1) * e * f
+  li, lt = inputs_length, targets_length
+  encoder = li * cfg.num_encoder_layers * (4 * e * hd + 2 * li * hd + mlp)
+  decoder = cfg.num_decoder_layers * (
+      lt * (4 * e * hd + 2 * lt * hd)  # self-attention
+      + lt * 2 * e * hd + li * 2 * e * hd + lt * 2 * li * hd  # cross: q, o; k, v; scores
+      + lt * mlp)
+  logits = lt * e * v
+  forward_macs = encoder + decoder + logits
+  return 3 * 2 * forward_macs * batch_size
+
+
+def throughput(flops: float, tokens_per_step: int, seconds_per_step: float, devices: int,
+               peak_flops_per_device: float | None) -> dict[str, float | None]:
+  """tokens/s, model TFLOP/s and MFU (None without a known peak) of a measured step time."""
+  return {
+      'tokens_per_s': tokens_per_step / seconds_per_step,
+      'model_tflops_per_s': flops / seconds_per_step / 1e12,
+      'mfu': (flops / seconds_per_step / (peak_flops_per_device * devices)
+              if peak_flops_per_device else None),
+  }
