@@ -17,7 +17,7 @@ import pytest
 import gin_cli
 import train as train_script
 import train_setup
-from train_setup import TINY, run
+from train_setup import TINY, fixed_batch, run
 from ul2 import data as data_lib
 from ul2 import flops, network, partitioning
 from ul2 import train as T
@@ -36,11 +36,6 @@ def assert_params_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def fixed_batch(batch_size=8):
-  """One real packed batch from the MoD task, as host numpy arrays."""
-  data = data_lib.DataConfig('ul2_mod_gutenberg', train_setup.LENGTHS, batch_size=batch_size)
-  return next(data_lib.HostBatches(data_lib.make_datasets(data, 'train', 0, repeat=True,
-                                                          shuffle=False)))
 
 
 def repeat(batch):
@@ -253,7 +248,8 @@ def test_flop_count_matches_a_hand_count():
 # ---------------------------------------------------------------------------------------------
 
 RUN_FILES = sorted(glob.glob(os.path.join(gin_cli.GIN_DIR, 'experiments', '*.gin'))) + [
-    os.path.join(gin_cli.GIN_DIR, 'quickstart.gin')]
+    os.path.join(gin_cli.GIN_DIR, 'quickstart.gin'),
+    os.path.join(gin_cli.GIN_DIR, 'quickstart_finetune.gin')]
 
 
 def bound_configs():

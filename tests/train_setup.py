@@ -30,5 +30,12 @@ def run(model_dir, steps, *, model=TINY, batch_size=8, mesh=partitioning.MeshCon
       optimizer=OPTIMIZER, mesh=mesh, devices=devices, batches=batches, log=lambda _: None)
 
 
+def fixed_batch(batch_size=8):
+  """One real packed batch from the MoD task, as host numpy arrays."""
+  data = data_lib.DataConfig('ul2_mod_gutenberg', LENGTHS, batch_size=batch_size)
+  return next(data_lib.HostBatches(data_lib.make_datasets(data, 'train', 0, repeat=True,
+                                                          shuffle=False)))
+
+
 def param_checksum(params) -> float:
   return float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(params)))

@@ -8,9 +8,10 @@ readable loop around it.
 
 Objective (reference §3): cross-entropy on `decoder_loss_weights` plus z-loss
 (`z_loss * logsumexp(logits)^2`, 1e-4), normalised by the real target tokens of the global
-batch, so k microbatches give the same gradient as one full batch. Optimiser: Adafactor with
-T5X's settings (factored second moments for dims >= 128, decay rate 0.8, update clipping 1.0,
-no momentum, updates scaled by the parameter's RMS except for `relpos_bias`, epsilon 1e-30).
+batch, so k microbatches give the same gradient as one full batch. Optimiser: T5X's Adafactor
+(`ul2.adafactor`: factored second moments, decay rate 0.8, update clipping 1.0, no momentum,
+updates scaled by the parameter's RMS, epsilon 1e-30; a scanned stack's `layers` axis is a
+batch axis, so every layer is updated as it would be unscanned).
 Learning rate: T5X's `1 / sqrt(max(step, 10000))` by default; constant, linear and cosine
 decay (with linear warmup) on request.
 
@@ -36,6 +37,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from ul2 import adafactor
 from ul2 import checkpoints as checkpoints_lib
 from ul2 import data as data_lib
 from ul2 import flops as flops_lib
@@ -63,8 +65,9 @@ class OptimizerConfig:
   decay_rate: float = 0.8  # second-moment decay 1 - (step + 1)^-0.8
   clipping_threshold: float | None = 1.0  # update clipping by block RMS
   min_dim_size_to_factor: int = 128
-  multiply_by_parameter_scale: bool = True  # never for relpos_bias (as T5X)
-  epsilon1: float = 1e-30
+  multiply_by_parameter_scale: bool = True  # every parameter, relpos_bias too (as T5X)
+  epsilon1: float = 1e-30  # added to squared gradients
+  epsilon2: float = 1e-3  # the smallest parameter RMS that parameter scaling uses
 
   def __post_init__(self):
     if self.schedule not in ('rsqrt', 'constant', 'linear', 'cosine'):
@@ -151,26 +154,19 @@ def make_schedule(cfg: OptimizerConfig, train_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after_warmup], [warmup])
 
 
-def _scale_by_parameter_rms_mask(params: Any) -> Any:
-  """True where Adafactor multiplies updates by the parameter's RMS: all but relpos_bias."""
-  flat = flax.traverse_util.flatten_dict(params)
-  return flax.traverse_util.unflatten_dict(
-      {path: 'relpos_bias' not in path for path in flat})
-
-
-def make_optimizer(cfg: OptimizerConfig, train_steps: int
+def make_optimizer(cfg: OptimizerConfig, train_steps: int, model: network.Config
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Adafactor as T5X configures it (reference §3), built from optax's parts."""
+  """Adafactor as T5X configures it (reference §3), factored by `model`'s logical axes."""
   schedule = make_schedule(cfg, train_steps)
-  parts = [optax.scale_by_factored_rms(factored=True, decay_rate=cfg.decay_rate,
-                                       min_dim_size_to_factor=cfg.min_dim_size_to_factor,
-                                       epsilon=cfg.epsilon1)]
-  if cfg.clipping_threshold:
-    parts.append(optax.clip_by_block_rms(cfg.clipping_threshold))
-  parts.append(optax.scale_by_learning_rate(schedule))  # also flips the sign: descent
-  if cfg.multiply_by_parameter_scale:
-    parts.append(optax.masked(optax.scale_by_param_block_rms(), _scale_by_parameter_rms_mask))
-  return optax.chain(*parts), schedule
+  boxed = jax.eval_shape(lambda r: network.init_params(model, r, boxed=True),
+                         jax.random.key(0))
+  tx = adafactor.adafactor(
+      schedule, adafactor.logical_factor_rules(boxed), decay_rate=cfg.decay_rate,
+      clipping_threshold=cfg.clipping_threshold,
+      multiply_by_parameter_scale=cfg.multiply_by_parameter_scale,
+      min_dim_size_to_factor=cfg.min_dim_size_to_factor, epsilon1=cfg.epsilon1,
+      epsilon2=cfg.epsilon2)
+  return tx, schedule
 
 
 def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
@@ -218,24 +214,22 @@ def _init_fn(config: network.Config, tx: optax.GradientTransformation
   return init
 
 
-def state_shardings(config: network.Config, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules: partitioning.AxisRules) -> TrainState:
-  """Shardings of every leaf of the train state, from the parameters' logical axes.
-
-  Optimiser statistics shaped like their parameter share its sharding; Adafactor's factored
-  row/column statistics (vectors) are replicated.
-  """
+def param_shardings(config: network.Config, mesh: Mesh, rules: partitioning.AxisRules) -> Any:
+  """Each parameter's sharding, from its logical axes."""
   boxed = jax.eval_shape(lambda r: network.init_params(config, r, boxed=True),
                          jax.random.key(0))
-  param_shardings = partitioning.logical_shardings(boxed, mesh, rules)
-  params = nn.meta.unbox(boxed)
-  opt_shapes = jax.eval_shape(tx.init, params)
+  return partitioning.logical_shardings(boxed, mesh, rules)
+
+
+def state_shardings(config: network.Config, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: partitioning.AxisRules) -> TrainState:
+  """Shardings of every leaf of the train state: the parameters' from their logical axes,
+  Adafactor's as T5X partitions them (`adafactor.state_shardings`)."""
+  params = param_shardings(config, mesh, rules)
   replicated = partitioning.replicated(mesh)
-  opt_shardings = optax.tree_map_params(
-      tx, lambda leaf, sharding, param: sharding if leaf.shape == param.shape else replicated,
-      opt_shapes, param_shardings, params, transform_non_params=lambda _: replicated,
-      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-  return TrainState(replicated, param_shardings, opt_shardings)
+  opt_shapes = jax.eval_shape(tx.init, network.param_shapes(config))
+  return TrainState(replicated, params,
+                    adafactor.state_shardings(opt_shapes, params, replicated))
 
 
 def make_train_step(model: network.Transformer, tx: optax.GradientTransformation,
@@ -334,12 +328,12 @@ def compile_run(model: network.Config, optimizer: OptimizerConfig, run: TrainCon
   """Mesh, sharded init, and jitted train and eval steps under the logical-axis rules."""
   device_mesh = partitioning.make_mesh(mesh, devices)
   rules = partitioning.logical_axis_rules(mesh.parameter_partitioning_dims)
-  tx, schedule = make_optimizer(optimizer, run.steps)
+  tx, schedule = make_optimizer(optimizer, run.steps, model)
   shardings = state_shardings(model, tx, device_mesh, rules)
   per_layer = shardings.params
   if model.scan_layers:  # checkpoints hold per-layer names: their shardings too
-    per_layer = state_shardings(dataclasses.replace(model, scan_layers=False), tx, device_mesh,
-                                rules).params
+    per_layer = param_shardings(dataclasses.replace(model, scan_layers=False), device_mesh,
+                                rules)
   batch_sharding = partitioning.data_sharding(device_mesh)
   net = network.Transformer(model)
 
