@@ -59,16 +59,127 @@ def test_greedy_equals_step_by_step_argmax_of_the_full_forward_pass():
   assert stopped >= 1  # EOS handling was exercised
 
 
-def test_beam_size_one_equals_greedy():
-  params, enc = init(eos_boost=4.0), inputs()
-  greedy = decoding.greedy(MODEL, params, enc, max_decode_length=8)
-  beams, _ = decoding.beam_search(MODEL, params, enc, beam_size=1, max_decode_length=8,
-                                  alpha=0.0)
-  np.testing.assert_array_equal(beams[:, 0], greedy)
+def t5x_beam_search(log_probs_fn, batch, beam_size, length, alpha, vocab, eos=1):
+  """t5x.decoding.beam_search, transcribed from T5X's source into numpy over an uncached
+  next-token function (`log_probs_fn(prefixes [n, t]) -> [n, vocab]`): live sequences with a
+  dummy start token, 2 x beam candidates per step, a separate finished pool, T5X's
+  termination test and its NEG_INF of -1e7. Returns T5X's outputs (best last)."""
+  neg_inf = -1.0e7
+  penalty = lambda n: ((5.0 + n) / 6.0) ** alpha
+  max_len = length + 1
+  live_lp = np.tile(np.array([0.0] + [neg_inf] * (beam_size - 1)), (batch, 1))
+  fin_scores = np.full((batch, beam_size), neg_inf)
+  live = np.zeros((batch, beam_size, max_len), np.int64)
+  fin = np.zeros((batch, beam_size, max_len), np.int64)
+  flags = np.zeros((batch, beam_size), bool)
+
+  def top(x, k):  # lax.top_k (ties: lower index first), then flipped as T5X does
+    return np.argsort(-x, axis=1, kind='stable')[:, :k][:, ::-1]
+
+  take = lambda x, idx: np.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), 1)
+  i = 0
+  while True:
+    best_live = live_lp[:, -1:] / penalty(max_len)
+    worst = np.where(flags, fin_scores.min(axis=1, keepdims=True), neg_inf)
+    if not (i < max_len - 1) or np.all(worst > best_live):
+      break
+    step = log_probs_fn(live[:, :, 1:i + 1].reshape(batch * beam_size, i))
+    cand = (step.reshape(batch, beam_size, vocab) + live_lp[:, :, None]).reshape(batch, -1)
+    order = np.argsort(-cand, axis=1, kind='stable')[:, :2 * beam_size]
+    top_lp = np.take_along_axis(cand, order, 1)
+    ids, parents = order % vocab, order // vocab
+    seqs = take(live, parents).copy()
+    seqs[:, :, i + 1] = ids
+    ends = ids == eos
+    new_lp = top_lp + ends * neg_inf
+    keep = top(new_lp, beam_size)
+    live, live_lp = take(seqs, keep), take(new_lp, keep)
+    scores = top_lp / penalty(i + 1) + (~ends) * neg_inf
+    pool = [np.concatenate(x, axis=1) for x in ((fin, seqs), (fin_scores, scores), (flags, ends))]
+    best = top(pool[1], beam_size)
+    fin, fin_scores, flags = (take(x, best) for x in pool)
+    i += 1
+  any_finished = flags.any(axis=1)
+  seqs = np.where(any_finished[:, None, None], fin, live)
+  scores = np.where(any_finished[:, None], fin_scores, live_lp)
+  return seqs[:, :, 1:], scores
 
 
-def test_beam_search_finds_the_best_sequence_on_an_exhaustible_model():
-  """Vocabulary 6, 3 steps: 6^2 = 36 beams keep every prefix, so beam search is exact."""
+def uncached_log_probs(model, params, enc, beam_size):
+  """Next-token log-probabilities by full forward passes, each input repeated per beam."""
+  enc = np.repeat(np.asarray(enc), beam_size, axis=0)
+  return lambda prefixes: np.asarray(full_log_probs(model, params, jnp.asarray(enc),
+                                                    jnp.asarray(prefixes, jnp.int32)),
+                                     np.float64)
+
+
+@pytest.mark.parametrize('seed, beam_size', [(seed, 4) for seed in range(12)]
+                         + [(seed, beam) for seed in range(2) for beam in (1, 2)])
+def test_beam_search_equals_t5x_on_random_models(seed, beam_size):
+  """Alpha 0.6, length 6, random models over a vocabulary of 16 whose EOS is likely enough
+  that rows finish at different steps, some not at all: the same sequences and scores as
+  T5X's algorithm (float32 against float64: 1e-4). Beam size 1 is not greedy decoding: an
+  early finished hypothesis stays in the pool and can win."""
+  cfg = network.Config(vocab_size=16, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
+                       num_encoder_layers=1, num_decoder_layers=1)
+  model = network.Transformer(cfg)
+  params = init(cfg, seed=seed, eos_boost=float(1 + seed % 4))
+  enc = inputs(batch=3, length=5, vocab=16, seed=seed)
+  beams, scores = decoding.beam_search(model, params, enc, beam_size=beam_size,
+                                       max_decode_length=6, alpha=0.6)
+  want_seqs, want_scores = t5x_beam_search(uncached_log_probs(model, params, enc, beam_size),
+                                           3, beam_size, 6, 0.6, 16)
+  np.testing.assert_array_equal(np.asarray(beams), want_seqs[:, ::-1])
+  np.testing.assert_allclose(np.asarray(scores), want_scores[:, ::-1], rtol=1e-4, atol=1e-4)
+
+
+def sequence_log_prob(model, params, enc, sequences):
+  """Plain log p of each row's sequence (through its first EOS), by full forward passes."""
+  lp = uncached_log_probs(model, params, enc, 1)
+  sequences = np.asarray(sequences)
+  total, alive = np.zeros(len(sequences)), np.ones(len(sequences), bool)
+  for t in range(sequences.shape[1]):
+    step = lp(sequences[:, :t])
+    total += alive * step[np.arange(len(sequences)), sequences[:, t]]
+    alive &= sequences[:, t] != 1
+  return total
+
+
+def test_a_finished_hypothesis_beats_every_truncated_one():
+  """Peaked random models (logits x4, EOS logit halved), length 4. Seed 1: in every row the
+  greedy path never ends and is more likely than anything that does, yet beam search returns
+  a hypothesis that ended (as T5X: truncated ones only where nothing ended). Seed 0: nothing
+  ends in any row, and the live hypotheses come back with their plain log-probabilities."""
+  cfg = network.Config(vocab_size=16, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
+                       num_encoder_layers=1, num_decoder_layers=1)
+  model = network.Transformer(cfg)
+  for seed in (1, 0):
+    enc = inputs(batch=3, length=5, vocab=16, seed=seed)
+    params = init(cfg, seed=seed)
+    kernel = params['decoder']['logits_dense']['kernel'] * 4.0
+    params['decoder']['logits_dense']['kernel'] = kernel.at[:, 1].multiply(0.5)
+    beams, scores = decoding.beam_search(model, params, enc, beam_size=4, max_decode_length=4,
+                                         alpha=0.6)
+    want_seqs, want_scores = t5x_beam_search(uncached_log_probs(model, params, enc, 4), 3, 4,
+                                             4, 0.6, 16)
+    np.testing.assert_array_equal(np.asarray(beams), want_seqs[:, ::-1])
+    np.testing.assert_allclose(np.asarray(scores), want_scores[:, ::-1], rtol=1e-4)
+    best = np.asarray(beams[:, 0])
+    greedy = np.asarray(decoding.greedy(model, params, enc, max_decode_length=4))
+    greedy_log_prob = sequence_log_prob(model, params, enc, greedy)
+    if seed == 1:
+      assert (best == 1).any(axis=1).all() and not (greedy == 1).any()
+      assert (greedy_log_prob > np.asarray(scores[:, 0])).all()
+    else:
+      assert not (best == 1).any()
+      np.testing.assert_allclose(np.asarray(scores[:, 0]),
+                                 sequence_log_prob(model, params, enc, best), rtol=1e-4)
+
+
+def test_beam_search_finds_the_best_finished_sequence_on_an_exhaustible_model():
+  """Vocabulary 6, 3 steps, 75 beams: 2 x 75 candidates hold all 5^2 x 6 extensions of the
+  live prefixes, so nothing is pruned and the result is the best EOS-terminated sequence
+  (alpha 0: by log-probability)."""
   cfg = network.Config(vocab_size=6, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
                        num_encoder_layers=1, num_decoder_layers=1)
   model = network.Transformer(cfg)
@@ -76,26 +187,24 @@ def test_beam_search_finds_the_best_sequence_on_an_exhaustible_model():
   length = 3
 
   def exact(seq, row):
-    """log p(seq) up to and including its first EOS, by full forward passes."""
-    seq = list(seq)
-    if 1 in seq:
-      seq = seq[:seq.index(1) + 1]
+    """log p(seq), which ends with its first EOS, by one full forward pass."""
     targets = jnp.asarray([seq], jnp.int32)
     decoder_inputs = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
     logits = model.apply({'params': params}, enc[row:row + 1], decoder_inputs,
                          jnp.ones_like(targets))
-    return float(jnp.sum(network.token_log_likelihoods(logits, targets))), tuple(seq)
+    return float(jnp.sum(network.token_log_likelihoods(logits, targets)))
 
-  beams, scores = decoding.beam_search(model, params, enc, beam_size=36,
+  finished = [seq + (1,) for n in range(length) for seq in itertools.product(
+      [t for t in range(6) if t != 1], repeat=n)]
+  beams, scores = decoding.beam_search(model, params, enc, beam_size=75,
                                        max_decode_length=length, alpha=0.0)
   for row in range(2):
-    hypotheses = {exact(seq, row) for seq in itertools.product(range(6), repeat=length)}
-    best_score, best_seq = max(hypotheses)
+    best_score, best_seq = max((exact(seq, row), seq) for seq in finished)
     got = [int(t) for t in beams[row, 0]]
-    got = got[:got.index(1) + 1] if 1 in got else got
-    assert tuple(got) == best_seq
+    assert tuple(got[:got.index(1) + 1]) == best_seq
     assert float(scores[row, 0]) == pytest.approx(best_score, abs=1e-4)
-    assert (np.diff(np.asarray(scores[row])) <= 1e-6).all()  # best first
+    real = np.asarray(scores[row]) > -1e6
+    assert (np.diff(np.asarray(scores[row])[real]) <= 1e-6).all()  # best first
 
 
 def test_length_penalty_prefers_longer_hypotheses_as_alpha_grows():

@@ -140,7 +140,8 @@ def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
 
 
 def _gather_beams(tree: Any, indices: jax.Array, batch: int, beams: int, axis: int) -> Any:
-  """Reorders the beam rows ([batch * beams] on `axis`) of every array by `indices`."""
+  """Picks beam rows ([batch * beams] on `axis`) of every array: new beam j of batch row b is
+  old beam `indices[b, j]`."""
   def gather(x):
     if x.ndim <= axis or x.shape[axis] != batch * beams:
       return x  # e.g. the cache index, shared by all rows
@@ -151,16 +152,38 @@ def _gather_beams(tree: Any, indices: jax.Array, batch: int, beams: int, axis: i
   return jax.tree.map(gather, tree)
 
 
+def _top(scores: jax.Array, k: int) -> jax.Array:
+  """Indices of the k largest of each row, in ascending order of score (T5X keeps its beams
+  so, and the order decides ties in later steps)."""
+  return jax.lax.top_k(scores, k)[1][:, ::-1]
+
+
+def _take(x: jax.Array, indices: jax.Array) -> jax.Array:
+  """x [batch, n, ...], indices [batch, k] -> [batch, k, ...]."""
+  return jnp.take_along_axis(x, indices.reshape(indices.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+# T5X's "minus infinity" for beam scores: finite, so that dead beams still sort among
+# themselves exactly as T5X sorts them.
+BEAM_NEG_INF = -1.0e7
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'beam_size', 'max_decode_length',
                                              'alpha'))
 def beam_search(model: network.Transformer, params: Any, encoder_input_tokens: jax.Array,
                 beam_size: int, max_decode_length: int, alpha: float = 0.6
                 ) -> tuple[jax.Array, jax.Array]:
-  """Beam search with a length penalty: -> (sequences [batch, beam, length], scores [batch,
-  beam]), best first. Scores are log-likelihoods divided by `length_penalty(len, alpha)`.
+  """T5X's beam search (`t5x.decoding.beam_search`): -> (sequences [batch, beam_size,
+  max_decode_length], scores [batch, beam_size]), best first (T5X returns them best last).
 
-  A finished beam (it produced EOS) can only be continued by padding at no cost, so finished
-  and alive hypotheses compete in one top-k; the penalty is applied to finished ones.
+  Each step extends the `beam_size` live hypotheses by every token and keeps the best
+  2 x beam_size by log-probability; of those, the ones ending in EOS enter a separate pool of
+  `beam_size` finished hypotheses, scored log p / length_penalty(length with EOS, alpha), and
+  the best `beam_size` others stay live. The search stops at `max_decode_length` or once no
+  live hypothesis, even with the most lenient length penalty (that of max_decode_length + 1,
+  as T5X has it), could beat the worst of a full finished pool. The finished pool is returned;
+  a row where nothing finished returns its live hypotheses with their unpenalised
+  log-probabilities. Slots of a pool that never filled score about BEAM_NEG_INF.
   """
   batch = encoder_input_tokens.shape[0]
   rows = batch * beam_size
@@ -170,49 +193,50 @@ def beam_search(model: network.Transformer, params: Any, encoder_input_tokens: j
                   max_decode_length=max_decode_length)
   cache_axis = 1 if model.config.scan_layers else 0
   vocab = model.config.vocab_size
-
-  def ranking(log_prob, length, done):
-    # Finished hypotheses are compared with their length penalty applied.
-    return jnp.where(done, log_prob / length_penalty(length, alpha), log_prob)
+  best_possible_penalty = length_penalty(max_decode_length + 1.0, alpha)
 
   def cond(carry):
-    t, _, _, _, done, _ = carry
-    return jnp.logical_and(t < max_decode_length, jnp.logical_not(jnp.all(done)))
+    t, _, _, live_log_prob, _, finished_score, finished = carry
+    best_live = live_log_prob[:, -1:] / best_possible_penalty  # kept in ascending order
+    worst_finished = jnp.where(finished, jnp.min(finished_score, axis=1, keepdims=True),
+                               BEAM_NEG_INF)
+    return jnp.logical_and(t < max_decode_length,
+                           jnp.logical_not(jnp.all(worst_finished > best_live)))
 
   def body(carry):
-    t, cache, tokens, log_prob, done, length = carry
-    previous = jnp.where(t == 0, PAD_ID, tokens[..., jnp.maximum(t - 1, 0)]).reshape(rows)
+    t, cache, live, live_log_prob, finished_seqs, finished_score, finished = carry
+    previous = jnp.where(t == 0, PAD_ID, live[..., jnp.maximum(t - 1, 0)]).reshape(rows)
     step_log_probs, cache = step(cache, previous)
-    step_log_probs = step_log_probs.reshape(batch, beam_size, vocab)
-    # A finished beam continues with padding only, at no cost.
-    pad_only = jnp.full((vocab,), NEG_INF).at[PAD_ID].set(0.0)
-    step_log_probs = jnp.where(done[..., None], pad_only, step_log_probs)
-    candidates = log_prob[..., None] + step_log_probs  # [batch, beam, vocab]
-    new_done = jnp.logical_or(done[..., None], jnp.arange(vocab) == EOS_ID)
-    new_length = jnp.where(done, length, length + 1)[..., None] * jnp.ones((vocab,), jnp.int32)
-    rank = ranking(candidates, new_length, new_done)
-    if_first = jnp.where(jnp.arange(beam_size) == 0, 0.0, NEG_INF)[:, None]  # t = 0: 1 beam
-    rank = jnp.where(t == 0, rank + if_first, rank)
-    _, flat = jax.lax.top_k(rank.reshape(batch, beam_size * vocab), beam_size)
-    beam_index, token = flat // vocab, (flat % vocab).astype(jnp.int32)
+    # [batch, beam, vocab] -> the 2 x beam best extensions: [batch, 2 * beam]
+    candidates = (step_log_probs.reshape(batch, beam_size, vocab)
+                  + live_log_prob[..., None]).reshape(batch, beam_size * vocab)
+    log_prob, flat = jax.lax.top_k(candidates, 2 * beam_size)
+    parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
+    seqs = _take(live, parent).at[..., t].set(token)  # [batch, 2 * beam, length]
+    ends = token == EOS_ID
 
-    def pick(x):
-      return jnp.take_along_axis(x.reshape(batch, beam_size * vocab), flat, axis=1)
+    keep = _top(log_prob + ends * BEAM_NEG_INF, beam_size)  # the best that go on
+    live, live_log_prob = _take(seqs, keep), _take(log_prob + ends * BEAM_NEG_INF, keep)
+    cache = _gather_beams(cache, _take(parent, keep), batch, beam_size, cache_axis)
 
-    tokens = jnp.take_along_axis(tokens, beam_index[..., None], axis=1)
-    tokens = tokens.at[..., t].set(token)
-    cache = _gather_beams(cache, beam_index, batch, beam_size, cache_axis)
-    return (t + 1, cache, tokens, pick(candidates), pick(new_done),
-            pick(new_length).astype(jnp.int32))
+    score = log_prob / length_penalty(t + 1.0, alpha) + (~ends) * BEAM_NEG_INF
+    pool_seqs = jnp.concatenate([finished_seqs, seqs], axis=1)  # [batch, 3 * beam, length]
+    pool_score = jnp.concatenate([finished_score, score], axis=1)
+    pool_finished = jnp.concatenate([finished, ends], axis=1)
+    best = _top(pool_score, beam_size)
+    return (t + 1, cache, live, live_log_prob, _take(pool_seqs, best),
+            _take(pool_score, best), _take(pool_finished, best))
 
-  init = (jnp.int32(0), cache, jnp.zeros((batch, beam_size, max_decode_length), jnp.int32),
-          jnp.zeros((batch, beam_size)), jnp.zeros((batch, beam_size), bool),
-          jnp.zeros((batch, beam_size), jnp.int32))
-  _, _, tokens, log_prob, done, length = jax.lax.while_loop(cond, body, init)
-  scores = log_prob / length_penalty(length, alpha)
-  order = jnp.argsort(-scores, axis=-1)
-  return (jnp.take_along_axis(tokens, order[..., None], axis=1),
-          jnp.take_along_axis(scores, order, axis=1))
+  first_beam_only = jnp.where(jnp.arange(beam_size) == 0, 0.0, BEAM_NEG_INF)
+  empty = jnp.zeros((batch, beam_size, max_decode_length), jnp.int32)
+  init = (jnp.int32(0), cache, empty, jnp.tile(first_beam_only, (batch, 1)), empty,
+          jnp.full((batch, beam_size), BEAM_NEG_INF), jnp.zeros((batch, beam_size), bool))
+  _, _, live, live_log_prob, finished_seqs, finished_score, finished = jax.lax.while_loop(
+      cond, body, init)
+  any_finished = jnp.any(finished, axis=1)
+  sequences = jnp.where(any_finished[:, None, None], finished_seqs, live)
+  scores = jnp.where(any_finished[:, None], finished_score, live_log_prob)
+  return sequences[:, ::-1], scores[:, ::-1]  # best first
 
 
 # ----------------------------------------------------------------------------------------------
