@@ -2,8 +2,7 @@
 
 Every corpus is registered under four objectives, through the same code path:
 
-    ul2_mod_<corpus>             the paper's 7 denoisers, uniform per example (X(3,0.5) capped
-                                 at the 100 sentinels at 512/512; see below)
+    ul2_mod_<corpus>             the paper's 7 denoisers, uniform per example
     t5_span_corruption_<corpus>  T5's span corruption only, R(3, 0.15)
     prefix_lm_<corpus>           the S-denoiser only (prefix LM)
     ul2r_<corpus>                UL2R / U-PaLM: 50% S, 25% R(3, 0.15), 25% X(32, 0.5)
@@ -26,11 +25,12 @@ Registering your own corpus takes one call (documents are concatenated, so short
     pretrain.register_corpus('mywiki', pretrain.hf_disk_source('/data/wiki_saved_to_disk'))
     # -> tasks 'ul2_mod_mybooks', 't5_span_corruption_mybooks', 'prefix_lm_mybooks', ...
 
-Why `ul2_mod` caps X(3, 0.5): at inputs length 512 it would make up to 127 spans but the T5
-vocabulary has 100 sentinels; the reference code then silently uses ordinary word pieces as
-sentinels. Capping keeps 100 distinct sentinels and makes those spans slightly longer (mean
-~4.1 instead of 3). Use `register_corpus(..., objectives=...)` with
-`MixtureConfig(sentinel_overflow='error')` to refuse instead, or a vocabulary with more ids.
+Every denoiser keeps its (mu, r): at inputs length 512, X(3, 0.5) would make up to 127 spans
+but the T5 vocabulary has 100 sentinels (the reference code then silently uses ordinary word
+pieces as sentinels). By default (`MixtureConfig(sentinel_overflow='shrink')`) it takes fewer
+raw tokens, 602 instead of 815, so its spans fit; `'cap'` keeps the longer chunk and caps the
+span count (mean span ~4 instead of 3), `'error'` refuses (`register_corpus(...,
+objectives=...)`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ BUNDLED_GUTENBERG_DIR = os.path.join(vocabulary.DATA_DIR, 'gutenberg_sample')
 GUTENBERG_DIR_ENV = 'UL2_GUTENBERG_DIR'
 
 OBJECTIVES: dict[str, denoisers.MixtureConfig] = {
-    'ul2_mod': denoisers.MixtureConfig(denoisers.UL2_DENOISERS, sentinel_overflow='cap'),
+    'ul2_mod': denoisers.MixtureConfig(denoisers.UL2_DENOISERS),
     't5_span_corruption': denoisers.MixtureConfig(denoisers.T5_SPAN_CORRUPTION),
     'prefix_lm': denoisers.MixtureConfig(denoisers.PREFIX_LM),
     'ul2r': denoisers.MixtureConfig(denoisers.UL2R_DENOISERS, denoisers.UL2R_RATES),

@@ -200,10 +200,25 @@ def test_prompt_room_is_reserved():
 # Sentinel overflow and bad settings
 # ---------------------------------------------------------------------------------------------
 
-def test_sentinel_overflow_is_an_error_by_default():
+def test_sentinel_overflow_is_an_error_when_asked():
   with pytest.raises(ValueError, match=r"X\(3,0.5\) makes up to 127 noise spans.*100 sentinel "
-                                       r"ids.*sentinel_overflow='cap'.*extra_ids=127"):
-    D.plan_chunks(D.MixtureConfig(D.UL2_DENOISERS), LENGTHS, VOCAB)
+                                       r"ids.*'shrink'.*sentinel_overflow='cap'.*extra_ids=127"):
+    D.plan_chunks(D.MixtureConfig(D.UL2_DENOISERS, sentinel_overflow='error'), LENGTHS, VOCAB)
+
+
+def test_sentinel_overflow_shrinks_the_chunk_by_default(documents):
+  """X(3, 0.5) at 512/512 takes at most 602 raw tokens: 100 spans of mean length 3."""
+  shrunk = D.MixtureConfig((D.X(3, 0.5),))
+  [plan] = D.plan_chunks(shrunk, LENGTHS, VOCAB)
+  assert (plan.raw_length, plan.max_spans) == (602, 100)
+  assert D.span_counts(603, D.X(3, 0.5)) == (302, 101)  # one token more would overflow
+  noise = spans = 0
+  for ex in run(shrunk, documents[:25]):
+    _, inputs, targets = strip(ex, shrunk)
+    count = sum(is_sentinel(t) for t in inputs)
+    assert count <= 100
+    noise, spans = noise + len(targets) - count, spans + count
+  assert noise / spans == pytest.approx(3.0, rel=0.05)
 
 
 def test_sentinel_overflow_cap_and_more_extra_ids(documents):
@@ -338,7 +353,8 @@ def collect(config, documents, minimum):
 @pytest.mark.parametrize('denoiser', [d for d in ALL_DENOISERS if d.family != 'S'],
                          ids=lambda d: d.name)
 def test_corruption_rate_and_mean_span_length(documents, denoiser):
-  config = D.MixtureConfig((denoiser,), sentinel_overflow='cap')
+  """With the default sizing every denoiser keeps its (mu, r), X(3, 0.5) at 512 included."""
+  config = D.MixtureConfig((denoiser,))
   [plan] = D.plan_chunks(config, LENGTHS, VOCAB)
   examples = collect(config, documents, 2000)[0]
   assert len(examples) >= 2000
@@ -356,14 +372,11 @@ def test_corruption_rate_and_mean_span_length(documents, denoiser):
   assert abs(noise / raw - denoiser.corruption_rate) < 0.003
   # Mean span length: the span count is round(noise / mu), an integer, so a full chunk with k
   # spans has a mean span length within mu * 0.5 / k of mu (k = 28 for R(3, .15): 1.8%; k = 1
-  # for X(64, .15): 50%). When spans are capped at the 100 sentinels the mean is noise / 100.
+  # for X(64, .15): 50%).
   full_noise, full_spans = D.span_counts(plan.raw_length, denoiser)
-  if plan.max_spans < full_spans:  # capped
-    assert plan.max_spans == 100
-    assert noise / spans == pytest.approx(full_noise / 100, rel=0.05)
-  else:
-    tolerance = 0.5 / full_spans + 0.01
-    assert abs(noise / spans / denoiser.mean_span_length - 1) <= tolerance, noise / spans
+  assert plan.max_spans == full_spans <= VOCAB.extra_ids
+  tolerance = 0.5 / full_spans + 0.01
+  assert abs(noise / spans / denoiser.mean_span_length - 1) <= tolerance, noise / spans
 
 
 def test_s_denoiser_target_fractions(documents):

@@ -27,8 +27,10 @@ targets by their sentinels always gives the raw chunk back.
 
 Three pitfalls of the reference `ul2_objective` are handled here (reference §1):
   1. Sentinel overflow: a denoiser that could need more spans than the vocabulary has sentinels
-     is rejected when the preprocessor is built (`sentinel_overflow='error'`), or its span count
-     is capped (`'cap'`); never are ordinary word pieces used as sentinels.
+     (X(3, 0.5) at 512 inputs: 127 of 100) takes fewer raw tokens, so that its spans fit and it
+     keeps its (mu, r) (`sentinel_overflow='shrink'`, the default); or its span count is capped
+     (`'cap'`: spans get longer than mu); or it is rejected when the preprocessor is built
+     (`'error'`). Never are ordinary word pieces used as sentinels.
   2. Prompt overflow: each denoiser's raw chunk length is chosen so that mode token + corrupted
      inputs + EOS and targets + EOS fit the feature lengths; nothing is trimmed afterwards.
   3. The S sentinel: `Denoiser.s_sentinel` appends `<extra_id_0>` to S inputs (model cards).
@@ -131,9 +133,11 @@ class MixtureConfig:
 
   denoisers: tuple[Denoiser, ...] = UL2_DENOISERS
   rates: tuple[float, ...] | None = None  # None: uniform over the denoisers, per example
-  # More possible spans than sentinel ids: 'error' (default: refuse to build, say what to do),
-  # or 'cap' (cap the span count at the number of sentinels; spans get longer than mu).
-  sentinel_overflow: str = 'error'
+  # More possible spans than sentinel ids: 'shrink' (default: the denoiser takes fewer raw
+  # tokens, as many as keep its spans within the sentinels; mu and r stay exact), 'cap' (cap
+  # the span count at the number of sentinels; spans get longer than mu), or 'error' (refuse
+  # to build, say what to do).
+  sentinel_overflow: str = 'shrink'
   # None: mode tokens as text ('[NLU]' -> [784, 567, 9138, 908]), as the released UL2
   # checkpoints use them. Or one id per mode, e.g. vocabulary.DEDICATED_MODE_IDS.
   mode_token_ids: Mapping[str, int] | None = None
@@ -147,9 +151,9 @@ class MixtureConfig:
       if len(self.rates) != len(self.denoisers) or min(self.rates) < 0 or sum(self.rates) <= 0:
         raise ValueError(f'MixtureConfig.rates {self.rates} must be {len(self.denoisers)} '
                          'non-negative numbers (one per denoiser) with a positive sum.')
-    if self.sentinel_overflow not in ('error', 'cap'):
-      raise ValueError("MixtureConfig.sentinel_overflow must be 'error' or 'cap', got "
-                       f'{self.sentinel_overflow!r}.')
+    if self.sentinel_overflow not in ('shrink', 'cap', 'error'):
+      raise ValueError("MixtureConfig.sentinel_overflow must be 'shrink', 'cap' or 'error', "
+                       f'got {self.sentinel_overflow!r}.')
     if self.mode_token_ids is not None:
       missing = {d.mode for d in self.denoisers} - set(self.mode_token_ids)
       if missing:
@@ -203,10 +207,22 @@ class ChunkPlan:
 
 def plan_chunks(config: MixtureConfig, feature_lengths: Mapping[str, int],
                 vocabulary: seqio.Vocabulary) -> list[ChunkPlan]:
-  """Sizes every denoiser's raw chunk to fit `feature_lengths`; checks sentinel overflow.
+  """Sizes every denoiser's raw chunk to fit `feature_lengths` and the sentinels.
 
   For every chunk length up to the chosen one (the last chunk of a block is shorter), mode
-  token + inputs + EOS fit `inputs` and targets + EOS fit `targets`: nothing is trimmed.
+  token + inputs + EOS fit `inputs` and targets + EOS fit `targets`: nothing is trimmed. With
+  `sentinel_overflow='shrink'` the chunk is also no longer than keeps its noise spans within
+  the vocabulary's sentinels:
+
+  >>> from ul2 import vocabulary
+  >>> lengths = {'inputs': 512, 'targets': 512}
+  >>> [(p.raw_length, p.max_spans) for p in plan_chunks(
+  ...     MixtureConfig((X(3, 0.5),)), lengths, vocabulary.get_vocabulary())]
+  [(602, 100)]
+  >>> [(p.raw_length, p.max_spans) for p in plan_chunks(
+  ...     MixtureConfig((X(3, 0.5),), sentinel_overflow='cap'), lengths,
+  ...     vocabulary.get_vocabulary())]
+  [(815, 100)]
 
   With inputs 512 and no prompt this gives the reference's `random_spans_helper` numbers
   (R(3,0.15): 568 raw tokens); here the 4-5 mode-token pieces are reserved too.
@@ -230,14 +246,19 @@ def plan_chunks(config: MixtureConfig, feature_lengths: Mapping[str, int],
       spans = 1 if d.s_sentinel else 0
     else:
       cap = num_sentinels if config.sentinel_overflow == 'cap' else None
-      length, worst = _largest_fitting(
-          lambda n: _span_corruption_lengths(n, d, cap), room_in, room_tgt)
+
+      def lengths(n, d=d, cap=cap):
+        if config.sentinel_overflow == 'shrink' and span_counts(n, d)[1] > num_sentinels:
+          return room_in + 1, room_tgt + 1  # too many spans: does not fit
+        return _span_corruption_lengths(n, d, cap)
+      length, worst = _largest_fitting(lengths, room_in, room_tgt)
       spans = max(span_counts(n, d, cap)[1] for n in range(2, length + 1)) if length >= 2 else 0
       if spans > num_sentinels:
         raise ValueError(
             f'Sentinel overflow: denoiser {d.name} makes up to {spans} noise spans at feature '
             f'lengths {dict(feature_lengths)}, but the vocabulary has {num_sentinels} sentinel '
-            'ids. Choose one: MixtureConfig(sentinel_overflow=\'cap\') caps the span count '
+            'ids. Choose one: MixtureConfig(sentinel_overflow=\'shrink\') (the default) '
+            'gives it fewer raw tokens; sentinel_overflow=\'cap\' caps the span count '
             f'(spans get longer than {d.mean_span_length:g}); a vocabulary with more extra '
             f'ids (seqio.SentencePieceVocabulary(..., extra_ids={spans})); or shorter '
             'feature lengths.')
