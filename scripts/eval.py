@@ -38,6 +38,8 @@ def main(argv=None):
   parser.add_argument('--checkpoint', required=True)
   parser.add_argument('--best', action='store_true', help='use MODEL_DIR/best/ (fine-tuning)')
   parser.add_argument('--gin_file', action='append', default=[])
+  parser.add_argument('--ignore_extra_params', action='store_true',
+                      help='drop checkpoint entries the model config does not have')
   parser.add_argument('--tasks', default='cb,copa,rte', help='comma-separated SuperGLUE tasks')
   parser.add_argument('--split', default='validation')
   parser.add_argument('--method', choices=('auto', 'decode', 'rank'), default='auto')
@@ -62,7 +64,8 @@ def main(argv=None):
   superglue.register_superglue(args.data_dir, mode=mode)
   checkpoint = (os.path.join(args.checkpoint, checkpoints.BEST) if args.best
                 else args.checkpoint)
-  model, params = checkpoints.load_model(checkpoint, gin_cli.model_config(args.gin_file))
+  model, params = checkpoints.load_model(checkpoint, gin_cli.model_config(args.gin_file),
+                                         args.ignore_extra_params)
   lengths = {'inputs': args.inputs_length, 'targets': args.targets_length}
   results = []
   for task in [t.strip() for t in args.tasks.split(',') if t.strip()]:

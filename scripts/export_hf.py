@@ -25,8 +25,11 @@ def main(argv=None):
   parser.add_argument('--output', required=True)
   parser.add_argument('--gin_file', action='append', default=[],
                       help='model gin file, when the checkpoint has no model_config.json')
+  parser.add_argument('--ignore_extra_params', action='store_true',
+                      help='drop checkpoint entries the model config does not have')
   args = parser.parse_args(argv)
-  params, config = checkpoints.load(args.checkpoint, gin_cli.model_config(args.gin_file))
+  params, config = checkpoints.load(args.checkpoint, gin_cli.model_config(args.gin_file),
+                                    args.ignore_extra_params)
   interop.save_hf(params, config, args.output)
   print(f'Exported {args.checkpoint} to {args.output} (T5ForConditionalGeneration, '
         f'{interop.hf_config(config)["feed_forward_proj"]}, tie_word_embeddings='

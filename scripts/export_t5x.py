@@ -1,10 +1,23 @@
-"""Write a checkpoint of ours in T5X's tensorstore layout, for T5X to restore.
+"""Write a model as a T5X model directory that T5X restores: a run of ours (parameters, step and
+Adafactor state), its best/, an HF directory or another T5X checkpoint.
 
-    python scripts/export_t5x.py --checkpoint runs/quickstart --output /tmp/t5x_ckpt
-    # then, in T5X, continue from the parameters (fresh optimizer state):
+    python scripts/export_t5x.py --checkpoint runs/quickstart --output /tmp/t5x_model
+    python scripts/export_t5x.py --checkpoint runs/quickstart --output /tmp/t5x_model --layout orbax
+
+Writes OUTPUT/checkpoint_<step>/ in T5X's tensorstore layout (what `t5x.checkpoints.Checkpointer`
+writes: msgpack `checkpoint` with version 3 plus zarr arrays) or its orbax layout (`state/`,
+as T5X's Orbax checkpoint manager writes it). With the Adafactor state of an unscanned run,
+T5X continues training exactly where we stopped:
+
     python -m t5x.train --gin_file=YOUR_T5X_MODEL.gin ... \\
-      --gin.utils.RestoreCheckpointConfig.path="'/tmp/t5x_ckpt/checkpoint_600'" \\
+      --gin.MODEL_DIR="'/tmp/t5x_model'"
+
+Without it (scanned runs, best/, HF), restore the parameters and start the optimizer fresh:
+
+    python -m t5x.train --gin_file=YOUR_T5X_MODEL.gin ... \\
+      --gin.utils.RestoreCheckpointConfig.path="'/tmp/t5x_model/checkpoint_600'" \\
       --gin.utils.RestoreCheckpointConfig.mode="'specific'" \\
+      --gin.utils.RestoreCheckpointConfig.assignment_map="(('state/param_states.*', None),)" \\
       --gin.utils.RestoreCheckpointConfig.fallback_to_scratch=True
 
 The T5X model gin must describe the same network (t5_1_1 with the matching size; for UL2's
@@ -24,14 +37,19 @@ from ul2 import checkpoints, interop  # noqa: E402
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--checkpoint', required=True)
-  parser.add_argument('--output', required=True)
+  parser.add_argument('--output', required=True, help='the T5X model directory to write')
+  parser.add_argument('--layout', choices=('tensorstore', 'orbax'), default='tensorstore')
   parser.add_argument('--gin_file', action='append', default=[])
+  parser.add_argument('--ignore_extra_params', action='store_true',
+                      help="drop checkpoint entries the model config does not have")
   args = parser.parse_args(argv)
-  params, config = checkpoints.load(args.checkpoint, gin_cli.model_config(args.gin_file))
-  step_dir = os.path.basename(checkpoints.resolve_checkpoint(args.checkpoint))
-  out = interop.save_t5x_tensorstore(params, config, args.output,
-                                     int(step_dir) if step_dir.isdigit() else 0)
-  print(f'Wrote {out} (T5X tensorstore layout).')
+  params, config = checkpoints.load(args.checkpoint, gin_cli.model_config(args.gin_file),
+                                    ignore_extra=args.ignore_extra_params)
+  opt_state, step = checkpoints.read_optimizer_state(args.checkpoint)
+  out = interop.save_t5x(params, config, args.output, step or 0, opt_state, args.layout)
+  with_state = opt_state is not None and not config.scan_layers
+  print(f'Wrote {out} (T5X {args.layout} layout, step {step or 0}, '
+        f'{"with" if with_state else "without"} the Adafactor state).')
 
 
 if __name__ == '__main__':

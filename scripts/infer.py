@@ -24,6 +24,8 @@ def main(argv=None, out=sys.stdout):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--checkpoint', required=True)
   parser.add_argument('--gin_file', action='append', default=[])
+  parser.add_argument('--ignore_extra_params', action='store_true',
+                      help='drop checkpoint entries the model config does not have')
   parser.add_argument('--input', required=True)
   parser.add_argument('--mode', default='', help='mode token to prepend: one of '
                       f"{', '.join(vocabulary.MODE_TOKENS)} or '' (none)")
@@ -48,7 +50,8 @@ def main(argv=None, out=sys.stdout):
     mode = vocabulary.check_mode(args.mode, '--mode')
   except ValueError as e:
     parser.error(str(e))
-  model, params = checkpoints.load_model(args.checkpoint, gin_cli.model_config(args.gin_file))
+  model, params = checkpoints.load_model(args.checkpoint, gin_cli.model_config(args.gin_file),
+                                         args.ignore_extra_params)
   vocab = vocabulary.get_vocabulary()
   inputs = jnp.asarray([vocab.encode(vocabulary.with_mode(args.input, mode)) + [network.EOS_ID]],
                        jnp.int32)

@@ -67,7 +67,7 @@ def test_exported_formats_load_through_the_same_function(model_dir, tmp_path):
   loaded, config = checkpoints.load(str(tmp_path / 'hf'))
   assert config == TINY
   assert_trees_equal(loaded, params)
-  t5x = interop.save_t5x_tensorstore(params, TINY, str(tmp_path / 't5x'), 3)
+  t5x = interop.save_t5x(params, TINY, str(tmp_path / 't5x'), 3)
   loaded, config = checkpoints.load(t5x, TINY)
   assert_trees_equal(loaded, params)
   with pytest.raises(FileNotFoundError, match='--gin_file=models/<size>.gin'):

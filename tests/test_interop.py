@@ -140,7 +140,7 @@ def test_t5x_tensorstore_layout_loads(tmp_path):
   assert os.path.isdir(os.path.join(path, 'target.encoder.layers_0.attention.key.kernel'))
   assert_trees_equal(interop.load_t5x(path, BASE), params)
   # Our writer produces the same layout, read back bitwise.
-  ours = interop.save_t5x_tensorstore(params, BASE, str(tmp_path / 'ours'), 7)
+  ours = interop.save_t5x(params, BASE, str(tmp_path / 'ours'), 7)
   assert_trees_equal(interop.load_t5x(ours, BASE), params)
 
 

@@ -38,7 +38,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from ul2 import data as data_lib
-from ul2 import interop, network
+from ul2 import adafactor, interop, network
 
 MODEL_CONFIG = 'model_config.json'
 CONFIG_GIN = 'config.gin'
@@ -102,14 +102,17 @@ def resolve_checkpoint(path: str) -> str:
   raise FileNotFoundError(f'No checkpoint at {path}.')
 
 
-def load(path: str, config: network.Config | None = None) -> tuple[Any, network.Config]:
+def load(path: str, config: network.Config | None = None, ignore_extra: bool = False
+         ) -> tuple[Any, network.Config]:
   """(parameters, config) from any model we read, parameters laid out as `config` says
   (scanned or per-layer), checked against it.
 
   `path`: one of our model_dirs (its latest step), its checkpoints/ folder, a step folder or
-  `best/`; an HF T5/UL2 directory (config.json + safetensors); a T5X `checkpoint_N` folder
-  (tensorstore or orbax). `config`: the network to read into; None takes the directory's own
-  (model_config.json, config.json), which a T5X folder does not have.
+  `best/`; an HF T5/UL2 directory (config.json + safetensors); a T5X model directory, its
+  `checkpoint_<step>` or that folder's `state/` (tensorstore or orbax layout). `config`: the
+  network to read into; None takes the directory's own (model_config.json, config.json),
+  which a T5X folder does not have. `ignore_extra`: drop parameters the config lacks instead
+  of refusing.
   """
   if not os.path.exists(path):
     raise FileNotFoundError(f'No checkpoint at {path}.')
@@ -119,20 +122,31 @@ def load(path: str, config: network.Config | None = None) -> tuple[Any, network.
   else:
     if config is None:
       config = read_model_config(path)
-    if interop.is_t5x_tensorstore(path):
-      params = interop.load_t5x(path, config)
+    if interop.find_t5x_checkpoint(path) is not None:
+      params = interop.load_t5x(path, config, ignore_extra)
     else:
       params = interop.read_orbax_params(resolve_checkpoint(path))
-  network.check_param_shapes(params, config, path)
+  params = interop.match_params(params, config, path, ignore_extra)
   if config.scan_layers:
     params = network.stack_layers(params, config)
   return params, config
 
 
-def load_model(path: str, config: network.Config | None = None
+def read_optimizer_state(path: str) -> tuple[Any, int] | tuple[None, None]:
+  """(Adafactor state, step) of one of our run checkpoints (`path` as `resolve_checkpoint`
+  takes it), as host arrays; (None, None) for anything else (`best/`, exported models)."""
+  if interop.is_hf_directory(path) or interop.find_t5x_checkpoint(path) is not None:
+    return None, None
+  tree = interop.read_orbax_tree(resolve_checkpoint(path))
+  if 'opt_state' not in tree:
+    return None, None
+  return adafactor.AdafactorState(**tree['opt_state']), int(tree['step'])
+
+
+def load_model(path: str, config: network.Config | None = None, ignore_extra: bool = False
                ) -> tuple[network.Transformer, Any]:
   """(model, params) for inference from `path` (as `load` reads it): dropout off."""
-  params, config = load(path, config)
+  params, config = load(path, config, ignore_extra)
   return network.Transformer(dataclasses.replace(config, dropout_rate=0.0)), params
 
 

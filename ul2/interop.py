@@ -22,10 +22,12 @@ not to, so building a model and calling `load_state_dict` silently gives wrong l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax
 import numpy as np
@@ -224,52 +226,180 @@ def load_hf(directory: str, **overrides) -> tuple[dict, network.Config]:
 # T5X checkpoints
 # ----------------------------------------------------------------------------------------------
 
+# T5X's layouts, as `t5x/checkpoints.py` writes them (checked against T5X's own writer and
+# reader: tests/data/t5x/README.md):
+#   MODEL_DIR/checkpoint_<step>/checkpoint     tensorstore layout: msgpack {'version': 3,
+#                                              'optimizer': {'target': ..., 'state': {'step',
+#                                              'param_states'}}}, each partitioned array
+#                                              replaced by its zarr spec
+#   MODEL_DIR/checkpoint_<step>/<dotted.name>/ one zarr array each ('target.encoder.layers_0...')
+#   MODEL_DIR/checkpoint_<step>/state/         orbax layout: the same tree (without 'version'
+#                                              and 'optimizer') as an orbax PyTree, beside
+#                                              checkpoint_<step>/_CHECKPOINT_METADATA
+T5X_VERSION = 3
+T5X_STATE = 'state'
+_T5X_STEP = re.compile(r'checkpoint_(\d+)')
+_CHUNK_BYTES = 64 * 1024 * 1024  # T5X's desired zarr chunk size
+
+
+def t5x_train_state(params: Any, config: network.Config, step: int,
+                    opt_state: Any = None) -> dict:
+  """T5X's train-state dict: {'target': per-layer parameters, 'state': {'step', and with an
+  Adafactor state of an unscanned model, 'param_states'}} (T5X's Adafactor keeps, per
+  parameter, 'v_row', 'v_col', 'v' and the unused momentum 'm')."""
+  import jax
+
+  target = _numpy_tree(network.unstack_layers(params, config))
+  state = {'step': np.asarray(step, np.int32)}
+  if opt_state is not None and not config.scan_layers:
+    placeholder = np.zeros((1,), np.float32)
+    state['param_states'] = jax.tree.map(
+        lambda v_row, v_col, v: {'m': placeholder, 'v': np.asarray(v, np.float32),
+                                 'v_col': np.asarray(v_col, np.float32),
+                                 'v_row': np.asarray(v_row, np.float32)},
+        opt_state.v_row, opt_state.v_col, opt_state.v)
+  return {'target': target, 'state': state}
+
+
+def save_t5x(params: Any, config: network.Config, directory: str, step: int,
+             opt_state: Any = None, layout: str = 'tensorstore') -> str:
+  """Writes `checkpoint_<step>/` of a T5X model directory, which T5X restores: its
+  tensorstore layout (what `t5x.checkpoints.Checkpointer` writes) or its orbax one
+  (`OrbaxCheckpointManagerInterface`). An Adafactor state goes in as T5X's `param_states`
+  (unscanned models). Returns the checkpoint folder."""
+  if layout not in ('tensorstore', 'orbax'):
+    raise ValueError(f"layout must be 'tensorstore' or 'orbax', got {layout!r}.")
+  tree = t5x_train_state(params, config, step, opt_state)
+  out = os.path.join(directory, f'checkpoint_{step}')
+  if layout == 'orbax':
+    _save_t5x_orbax(tree, directory, step)
+    return out
+  import tensorstore as ts
+
+  os.makedirs(out, exist_ok=True)
+  written = {}
+  for path, value in flax.traverse_util.flatten_dict(tree).items():
+    if not _t5x_partitioned(path, value):
+      written[path] = value  # T5X keeps replicated entries in the msgpack itself
+      continue
+    name = _dotted(path)
+    spec = {'driver': 'zarr', 'dtype': 'float32',
+            'kvstore': {'driver': 'file', 'path': name + '/'},
+            'metadata': {'chunks': _chunk_shape(value.shape, _CHUNK_BYTES // 4),
+                         'compressor': {'id': 'gzip', 'level': 1},
+                         'shape': list(value.shape)}}
+    absolute = json.loads(json.dumps(spec))
+    absolute['kvstore']['path'] = os.path.join(out, name) + '/'
+    ts.open(absolute, create=True, delete_existing=True).result().write(value).result()
+    written[path] = spec
+  with open(os.path.join(out, 'checkpoint'), 'wb') as f:
+    f.write(flax.serialization.msgpack_serialize(
+        {'version': T5X_VERSION, 'optimizer': flax.traverse_util.unflatten_dict(written)}))
+  return out
+
+
+def _t5x_partitioned(path: tuple[str, ...], value: np.ndarray) -> bool:
+  """Whether T5X writes this entry as a zarr array: the parameters and statistics shaped like
+  them ('v'); the step, factored row/column statistics and placeholders stay inline."""
+  if path[0] == 'target':
+    return True
+  return path[-1] == 'v' and value.shape != (1,)
+
+
+def _chunk_shape(shape: Sequence[int], max_elements: int) -> list[int]:
+  """The whole array, or for one over `max_elements` a chunk that divides it, its largest
+  axis split first (T5X's rule).
+
+  >>> _chunk_shape((32128, 4096), 16 * 1024 * 1024)
+  [4016, 4096]
+  """
+  chunks = list(shape)
+  while int(np.prod(chunks)) > max_elements:
+    axis = int(np.argmax(chunks))
+    chunks[axis] = max(d for d in range(1, chunks[axis]) if shape[axis] % d == 0)
+  return chunks
+
+
+def _save_t5x_orbax(tree: dict, directory: str, step: int) -> None:
+  import orbax.checkpoint as ocp
+
+  manager = ocp.CheckpointManager(
+      os.path.abspath(directory),
+      item_handlers={T5X_STATE: ocp.PyTreeCheckpointHandler(use_ocdbt=True)},
+      options=ocp.CheckpointManagerOptions(step_prefix='checkpoint', create=True))
+  manager.save(step, args=ocp.args.Composite(**{T5X_STATE: ocp.args.PyTreeSave(tree)}),
+               force=True)
+  manager.wait_until_finished()
+  manager.close()
+
+
+def _numpy_tree(tree: Any) -> Any:
+  flat = flax.traverse_util.flatten_dict(dict(tree))
+  return flax.traverse_util.unflatten_dict(
+      {k: np.asarray(v, np.float32) for k, v in flat.items()})
+
+
 def _dotted(path: tuple[str, ...]) -> str:
   return '.'.join(path)
 
 
-def save_t5x_tensorstore(params: Any, config: network.Config, directory: str,
-                         step: int) -> str:
-  """Writes T5X's tensorstore layout: `checkpoint_<step>/checkpoint` (msgpack: the tree, each
-  array replaced by its tensorstore spec) and `checkpoint_<step>/target.<dotted.path>/` zarr
-  arrays. T5X restores it with `utils.RestoreCheckpointConfig(path=..., mode='specific')`
-  (optimizer state is not included: add `fallback_to_scratch=True`)."""
-  import tensorstore as ts
-
-  out = os.path.join(directory, f'checkpoint_{step}')
-  os.makedirs(out, exist_ok=True)
-  flat = flax.traverse_util.flatten_dict(network.unstack_layers(params, config))
-  specs = {}
-  for path, value in flat.items():
-    value = np.asarray(value, np.float32)
-    name = 'target.' + _dotted(path)
-    spec = {'driver': 'zarr', 'kvstore': {'driver': 'file', 'path': name},
-            'metadata': {'shape': list(value.shape), 'chunks': list(value.shape),
-                         'dtype': '<f4', 'compressor': {'id': 'gzip'}}}
-    absolute = json.loads(json.dumps(spec))
-    absolute['kvstore']['path'] = os.path.join(out, name)
-    ts.open(absolute, create=True, delete_existing=True).result().write(value).result()
-    specs[path] = spec
-  state = {'optimizer': {'target': flax.traverse_util.unflatten_dict(specs),
-                         'state': {'step': np.int32(step)}}}
-  with open(os.path.join(out, 'checkpoint'), 'wb') as f:
-    f.write(flax.serialization.msgpack_serialize(state))
-  return out
+def find_t5x_checkpoint(path: str) -> str | None:
+  """The checkpoint a T5X path names, or None if it is none of T5X's: a model directory (its
+  latest `checkpoint_<step>`), a `checkpoint_<step>` folder, or its `state/` folder (any
+  orbax PyTree folder)."""
+  if os.path.isfile(os.path.join(path, 'checkpoint')):
+    return path  # tensorstore layout
+  if os.path.isdir(os.path.join(path, T5X_STATE)):
+    return os.path.join(path, T5X_STATE)  # orbax layout
+  if os.path.isfile(os.path.join(path, '_METADATA')):
+    return path  # an orbax PyTree: the state/ folder itself, or an older bare one
+  if os.path.isdir(path):
+    steps = [int(m.group(1)) for m in map(_T5X_STEP.fullmatch, os.listdir(path)) if m]
+    if steps:
+      return find_t5x_checkpoint(os.path.join(path, f'checkpoint_{max(steps)}'))
+  return None
 
 
-def is_t5x_tensorstore(path: str) -> bool:
-  """T5X's tensorstore layout: a `checkpoint` msgpack file beside the `target.*` arrays."""
-  return os.path.isfile(os.path.join(path, 'checkpoint'))
+def load_t5x(path: str, config: network.Config, ignore_extra: bool = False) -> dict:
+  """Parameters from a T5X checkpoint (`find_t5x_checkpoint`: model directory,
+  `checkpoint_<step>` or its `state/`; tensorstore or orbax layout), checked against `config`.
 
-
-def load_t5x(path: str, config: network.Config) -> dict:
-  """Parameters from a T5X checkpoint directory (`checkpoint_N/`): the tensorstore layout
-  (msgpack `checkpoint` + `target.*` zarr arrays) or an orbax one; checked against `config`."""
-  if is_t5x_tensorstore(path):
-    params = _load_t5x_tensorstore(path)
+  Entries the config does not have (e.g. another architecture's) are named in the error;
+  `ignore_extra=True` drops them instead. Missing entries are always an error.
+  """
+  found = find_t5x_checkpoint(path)
+  if found is None:
+    raise FileNotFoundError(f'{path}: no T5X checkpoint (a model directory with '
+                            'checkpoint_<step>/, a checkpoint_<step>/ folder or its state/).')
+  if os.path.isfile(os.path.join(found, 'checkpoint')):
+    params = _load_t5x_tensorstore(found)
   else:
-    params = read_orbax_params(path)
-  network.check_param_shapes(params, config, path)
+    params = read_orbax_params(found)
+  return match_params(params, config, found, ignore_extra)
+
+
+def match_params(params: dict, config: network.Config, where: str,
+                 ignore_extra: bool = False) -> dict:
+  """`params` checked against `config`'s per-layer tree: missing entries, and entries it does
+  not have unless `ignore_extra` drops them, are named in one error; shapes are checked."""
+  expected = network.flatten_params(network.param_shapes(
+      dataclasses.replace(config, scan_layers=False)))
+  got = network.flatten_params(params)
+  extra = sorted(set(got) - set(expected))
+  missing = sorted(set(expected) - set(got))
+  if missing or (extra and not ignore_extra):
+    parts = []
+    if missing:
+      parts.append(f'{len(missing)} missing (e.g. {missing[:3]})')
+    if extra:
+      parts.append(f'{len(extra)} not in the model (e.g. {extra[:3]}; to drop them: '
+                   '--ignore_extra_params for eval/infer/export, '
+                   '--gin.train.TrainConfig.init_from_ignore_extra=True for init_from)')
+    raise ValueError(f"{where}: the checkpoint's parameters do not match the model config: "
+                     + '; '.join(parts) + '.')
+  params = flax.traverse_util.unflatten_dict(
+      {tuple(k.split('/')): v for k, v in got.items() if k in expected})
+  network.check_param_shapes(params, config, where)
   return params
 
 
@@ -277,9 +407,23 @@ def read_orbax_params(path: str) -> dict:
   """The parameter tree of an orbax checkpoint folder, as host float32 numpy arrays.
 
   T5X's orbax layout keeps it under `target` (or `optimizer/target`); ours, which is the
-  same tree by design, under `params`. A step folder of an orbax CheckpointManager (its item
-  in `default/`) is read too.
+  same tree by design, under `params`.
   """
+  restored = read_orbax_tree(path)
+  for key in ('target', 'params'):
+    if key in restored:
+      params = restored[key]
+      break
+  else:
+    params = restored.get('optimizer', {}).get('target')
+    if params is None:
+      raise ValueError(f'{path} has no target/params tree (keys: {sorted(restored)}).')
+  return _numpy_tree(params)
+
+
+def read_orbax_tree(path: str) -> dict:
+  """Everything in an orbax PyTree checkpoint folder, as host numpy arrays (the item of a
+  CheckpointManager step, in its `default/`, is read too)."""
   import jax
   import orbax.checkpoint as ocp
   from etils import epath
@@ -291,17 +435,8 @@ def read_orbax_params(path: str) -> dict:
   # not a Checkpointer: that would also look for step metadata, which the item folder of a
   # CheckpointManager step does not hold, and warn.
   handler, item = ocp.PyTreeCheckpointHandler(), epath.Path(os.path.abspath(path))
-  restored = handler.restore(item, args=ocp.args.PyTreeRestore(restore_args=jax.tree.map(
+  return handler.restore(item, args=ocp.args.PyTreeRestore(restore_args=jax.tree.map(
       lambda _: ocp.RestoreArgs(restore_type=np.ndarray), handler.metadata(item).tree)))
-  for key in ('target', 'params'):
-    if key in restored:
-      params = restored[key]
-      break
-  else:
-    params = restored.get('optimizer', {}).get('target')
-    if params is None:
-      raise ValueError(f'{path} has no target/params tree (keys: {sorted(restored)}).')
-  return jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
 
 def _load_t5x_tensorstore(path: str) -> dict:

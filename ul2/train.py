@@ -105,6 +105,7 @@ class TrainConfig:
   # Start a new run from pretrained weights: an HF T5/UL2 directory, a T5X checkpoint or one
   # of ours (optimizer state starts fresh). Ignored once model_dir has a checkpoint.
   init_from: str | None = None
+  init_from_ignore_extra: bool = False  # drop init_from entries the model does not have
   # Peak FLOP/s of one device for MFU; None looks the device kind up in flops.PEAK_FLOPS.
   peak_flops_per_device: float | None = None
   progress_bar: bool = True
@@ -470,7 +471,7 @@ def _initial_state(compiled: CompiledRun, checkpoints: checkpoints_lib.Checkpoin
     return state
   if run.init_from:
     # Pretrained parameters, sharded as the run shards them, with a fresh optimizer state.
-    params, _ = checkpoints_lib.load(run.init_from, model)
+    params, _ = checkpoints_lib.load(run.init_from, model, run.init_from_ignore_extra)
     params = jax.device_put(params, compiled.shardings.params)
     opt_state = jax.jit(compiled.optimizer.init,
                         out_shardings=compiled.shardings.opt_state)(params)

@@ -1,0 +1,149 @@
+"""T5X's checkpoint layouts, against checkpoints T5X's own code wrote (tests/t5x_reference/:
+`t5x.checkpoints.Checkpointer` and `OrbaxCheckpointManagerInterface`, T5X's Adafactor after one
+update of a tiny model with our parameter tree): we read them from every path T5X users give,
+and what we write has T5X's layout entry for entry."""
+
+import dataclasses
+import json
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import export_t5x
+import train_setup
+from ul2 import checkpoints, interop, network
+from ul2 import train as T
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 't5x_reference',
+                        'fixtures')
+# The model of the fixtures (make_fixtures.py): embedding and logits are factored.
+CFG = network.Config(vocab_size=128, emb_dim=128, num_heads=2, head_dim=8, mlp_dim=32,
+                     num_encoder_layers=2, num_decoder_layers=1)
+TENSORSTORE = os.path.join(FIXTURES, 'tensorstore')
+ORBAX = os.path.join(FIXTURES, 'orbax')
+
+
+def t5x_params():
+  """The parameters T5X saved (its state after the update), as written beside them."""
+  saved = np.load(os.path.join(FIXTURES, 'params.npz'))
+  return {name: saved[name] for name in saved.files}
+
+
+def assert_params(tree, rtol=0.0):
+  got, want = network.flatten_params(tree), t5x_params()
+  assert got.keys() == want.keys()
+  for name, value in want.items():
+    np.testing.assert_allclose(np.asarray(got[name]), value, rtol=rtol, atol=0, err_msg=name)
+
+
+def msgpack(checkpoint_dir):
+  with open(os.path.join(checkpoint_dir, 'checkpoint'), 'rb') as f:
+    return flax.serialization.msgpack_restore(f.read())
+
+
+@pytest.mark.parametrize('path', [
+    TENSORSTORE, os.path.join(TENSORSTORE, 'checkpoint_1'),
+    ORBAX, os.path.join(ORBAX, 'checkpoint_1'), os.path.join(ORBAX, 'checkpoint_1', 'state'),
+], ids=['tensorstore_model_dir', 'tensorstore_checkpoint', 'orbax_model_dir',
+        'orbax_checkpoint', 'orbax_state'])
+def test_checkpoints_t5x_wrote_load_bitwise_from_every_path(path):
+  params, config = checkpoints.load(path, CFG)
+  assert config == CFG
+  assert_params(params)
+
+
+def test_a_t5x_checkpoint_of_another_architecture_names_the_difference():
+  one_layer = dataclasses.replace(CFG, num_encoder_layers=1)  # the checkpoint has layers_1
+  with pytest.raises(ValueError, match=r"not in the model \(e\.g\. \['encoder/layers_1/"
+                                       r".*--ignore_extra_params"):
+    checkpoints.load(TENSORSTORE, one_layer)
+  params, _ = checkpoints.load(TENSORSTORE, one_layer, ignore_extra=True)
+  assert 'layers_1' not in params['encoder']
+  with pytest.raises(ValueError, match=r"missing \(e\.g\. \['decoder/layers_1/"):
+    checkpoints.load(ORBAX, dataclasses.replace(CFG, num_decoder_layers=2))
+  with pytest.raises(FileNotFoundError, match='--gin_file'):
+    checkpoints.load(TENSORSTORE)  # a T5X checkpoint has no model config inside
+
+
+def our_state_after_t5x_update():
+  """Our parameters and Adafactor state after the update the fixture's T5X state had: from
+  the same initial parameters, gradient 0.01 everywhere, learning rate 0.01."""
+  params = network.init_params(CFG, jax.random.key(0))
+  tx, _ = T.make_optimizer(T.OptimizerConfig(schedule='constant', learning_rate=0.01,
+                                             warmup_steps=0), 10, CFG)
+  state = tx.init(params)
+  updates, state = tx.update(jax.tree.map(lambda x: jnp.full_like(x, 0.01), params), state,
+                             params)
+  return jax.tree.map(jnp.add, params, updates), state
+
+
+def test_our_tensorstore_checkpoint_has_t5xs_layout(tmp_path):
+  """Entry for entry what T5X's Checkpointer wrote: version 3, the same tree, the same zarr
+  specs (driver, dtype, relative path, chunks, gzip level 1) and the same inline entries (step,
+  factored statistics, placeholders); the same files with the same .zarray metadata; equal
+  values (float32 rounding: our Adafactor against T5X's)."""
+  params, opt_state = our_state_after_t5x_update()
+  assert_params(params, rtol=1e-6)
+  ours = interop.save_t5x(params, CFG, str(tmp_path), 1, opt_state)
+  theirs = os.path.join(TENSORSTORE, 'checkpoint_1')
+  assert sorted(os.listdir(ours)) == sorted(os.listdir(theirs))
+  ours_tree, theirs_tree = msgpack(ours), msgpack(theirs)
+  assert ours_tree['version'] == theirs_tree['version'] == 3
+  is_spec = lambda _, x: isinstance(x, dict) and 'driver' in x
+  flat_ours = flax.traverse_util.flatten_dict(ours_tree['optimizer'], is_leaf=is_spec)
+  flat_theirs = flax.traverse_util.flatten_dict(theirs_tree['optimizer'], is_leaf=is_spec)
+  assert flat_ours.keys() == flat_theirs.keys()
+  for key, value in flat_theirs.items():
+    if isinstance(value, dict):  # a tensorstore spec
+      assert flat_ours[key] == value, key
+    else:
+      assert np.asarray(flat_ours[key]).dtype == value.dtype, key
+      np.testing.assert_allclose(flat_ours[key], value, rtol=1e-6, err_msg=str(key))
+  for name in os.listdir(theirs):
+    if name == 'checkpoint':
+      continue
+    zarray = lambda d: json.loads(open(os.path.join(d, name, '.zarray')).read())
+    assert zarray(ours) == zarray(theirs), name
+  # What T5X reads back (the tree its loader sees) equals what it wrote, to rounding.
+  for path in (str(tmp_path), ours):
+    np.testing.assert_allclose(
+        network.flatten_params(checkpoints.load(path, CFG)[0])['decoder/logits_dense/kernel'],
+        t5x_params()['decoder/logits_dense/kernel'], rtol=1e-6)
+
+
+def test_our_orbax_checkpoint_has_t5xs_layout(tmp_path):
+  """As T5X's Orbax manager lays it out: checkpoint_<step>/state/ holding {'target', 'state':
+  {'step', 'param_states'}} with T5X's shapes, and _CHECKPOINT_METADATA naming the item."""
+  params, opt_state = our_state_after_t5x_update()
+  out = interop.save_t5x(params, CFG, str(tmp_path), 1, opt_state, layout='orbax')
+  assert out == str(tmp_path / 'checkpoint_1')
+  metadata = lambda d: json.loads(open(os.path.join(d, '_CHECKPOINT_METADATA')).read())
+  theirs = os.path.join(ORBAX, 'checkpoint_1')
+  assert (metadata(out)['item_handlers']['state']
+          == metadata(theirs)['item_handlers']['state'])
+  shapes = lambda d: {k: tuple(v.shape) for k, v in network.flatten_params(
+      interop.read_orbax_tree(os.path.join(d, 'state'))).items()}
+  assert shapes(out) == shapes(theirs)
+  assert_params(checkpoints.load(str(tmp_path), CFG)[0], rtol=1e-6)
+
+
+def test_export_t5x_writes_a_run_as_a_t5x_model_dir(tmp_path):
+  """A run of ours (parameters, step, Adafactor state) through the CLI, in both layouts."""
+  run_dir = tmp_path / 'run'
+  result = train_setup.run(str(run_dir), steps=2, checkpoint_every=2, eval_split=None)
+  for layout in ('tensorstore', 'orbax'):
+    out = tmp_path / f't5x_{layout}'
+    export_t5x.main(['--checkpoint', str(run_dir), '--output', str(out), '--layout', layout])
+    assert os.listdir(out) == ['checkpoint_2']
+    params, _ = checkpoints.load(str(out), train_setup.TINY)
+    for name, value in network.flatten_params(result.state.params).items():
+      np.testing.assert_array_equal(network.flatten_params(params)[name], np.asarray(value))
+  tree = msgpack(str(tmp_path / 't5x_tensorstore' / 'checkpoint_2'))['optimizer']
+  assert int(tree['state']['step']) == 2
+  wi = tree['state']['param_states']['encoder']['layers_0']['mlp']['wi_0']['kernel']
+  assert sorted(wi) == ['m', 'v', 'v_col', 'v_row'] and wi['v']['kvstore']['path'] == (
+      'state.param_states.encoder.layers_0.mlp.wi_0.kernel.v/')
