@@ -27,9 +27,15 @@ def main(argv=None):
                       help='model gin file, when the checkpoint has no model_config.json')
   parser.add_argument('--ignore_extra_params', action='store_true',
                       help='drop checkpoint entries the model config does not have')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace the contents of a non-empty --output')
   args = parser.parse_args(argv)
   params, config = checkpoints.load(args.checkpoint, gin_cli.model_config(args.gin_file),
                                     args.ignore_extra_params)
+  try:  # after reading: a failed read leaves an existing export as it was
+    interop.prepare_export_dir(args.output, args.overwrite)
+  except ValueError as e:
+    parser.error(str(e))
   interop.save_hf(params, config, args.output)
   print(f'Exported {args.checkpoint} to {args.output} (T5ForConditionalGeneration, '
         f'{interop.hf_config(config)["feed_forward_proj"]}, tie_word_embeddings='

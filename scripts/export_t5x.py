@@ -42,9 +42,15 @@ def main(argv=None):
   parser.add_argument('--gin_file', action='append', default=[])
   parser.add_argument('--ignore_extra_params', action='store_true',
                       help="drop checkpoint entries the model config does not have")
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace the contents of a non-empty --output')
   args = parser.parse_args(argv)
   params, config = checkpoints.load(args.checkpoint, gin_cli.model_config(args.gin_file),
                                     ignore_extra=args.ignore_extra_params)
+  try:  # after reading: a failed read leaves an existing export as it was
+    interop.prepare_export_dir(args.output, args.overwrite)
+  except ValueError as e:
+    parser.error(str(e))
   opt_state, step = checkpoints.read_optimizer_state(args.checkpoint)
   out = interop.save_t5x(params, config, args.output, step or 0, opt_state, args.layout)
   with_state = opt_state is not None and not config.scan_layers

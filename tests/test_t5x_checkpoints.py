@@ -147,3 +147,38 @@ def test_export_t5x_writes_a_run_as_a_t5x_model_dir(tmp_path):
   wi = tree['state']['param_states']['encoder']['layers_0']['mlp']['wi_0']['kernel']
   assert sorted(wi) == ['m', 'v', 'v_col', 'v_row'] and wi['v']['kvstore']['path'] == (
       'state.param_states.encoder.layers_0.mlp.wi_0.kernel.v/')
+
+
+def test_a_spec_pointing_outside_the_checkpoint_is_refused(tmp_path):
+  """A crafted msgpack must not make the loader read files elsewhere: absolute paths and
+  paths leaving the folder are named and refused."""
+  import shutil
+  source = os.path.join(TENSORSTORE, 'checkpoint_1')
+  for bad_path in ('/etc/passwd.zarr/', '../outside/', 'target.x/../../../elsewhere/'):
+    folder = tmp_path / f'crafted_{len(bad_path)}' / 'checkpoint_1'
+    shutil.copytree(source, folder)
+    tree = msgpack(str(folder))
+    tree['optimizer']['target']['decoder']['decoder_norm']['scale']['kvstore']['path'] = bad_path
+    with open(folder / 'checkpoint', 'wb') as f:
+      f.write(flax.serialization.msgpack_serialize(tree))
+    with pytest.raises(ValueError, match='decoder/decoder_norm/scale points outside the '
+                                         'checkpoint folder'):
+      checkpoints.load(str(folder), CFG)
+
+
+def test_exports_refuse_a_non_empty_output_unless_told_to_overwrite(tmp_path, capsys):
+  import export_hf
+  run_dir = tmp_path / 'run'
+  train_setup.run(str(run_dir), steps=1, checkpoint_every=1, eval_split=None)
+  out = tmp_path / 'hf'
+  out.mkdir()
+  (out / 'model-00002-of-00002.safetensors').write_text('a stale shard')
+  for script in (export_hf, export_t5x):
+    with pytest.raises(SystemExit):
+      script.main(['--checkpoint', str(run_dir), '--output', str(out)])
+    assert 'is not empty; choose another --output or pass --overwrite' in capsys.readouterr().err
+    assert (out / 'model-00002-of-00002.safetensors').exists()  # untouched
+  export_hf.main(['--checkpoint', str(run_dir), '--output', str(out), '--overwrite'])
+  assert sorted(os.listdir(out)) == ['config.json', 'generation_config.json',
+                                     'model.safetensors', 'spiece.model',
+                                     'tokenizer_config.json']

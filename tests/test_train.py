@@ -4,6 +4,7 @@ import dataclasses
 import glob
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -356,3 +357,74 @@ def test_bench_train_synthetic_runs_without_tensorflow_or_seqio(tmp_path):
   for dtype in ('float32', 'bfloat16'):
     jax_run = report['runs'][dtype]['jax']
     assert jax_run['tokens_per_s'] > 0 and np.isfinite(jax_run['final_loss'])
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption
+# ---------------------------------------------------------------------------------------------
+
+def cli_command(model_dir, steps):
+  return [sys.executable, os.path.join(os.path.dirname(TESTS), 'scripts', 'train.py'),
+          '--gin_file=models/tiny.gin', '--gin_file=runs/pretrain.gin',
+          "--gin.MIXTURE_OR_TASK_NAME='ul2_mod_gutenberg'",
+          "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}",
+          f'--gin.TRAIN_STEPS={steps}', '--gin.BATCH_SIZE=8', f"--gin.MODEL_DIR='{model_dir}'",
+          '--gin.EVAL_EVERY=100000', '--gin.CHECKPOINT_EVERY=100000',
+          '--gin.train.TrainConfig.log_every=1', "--gin.DROPOUT_RATE=0.1"]
+
+
+def cli_env():
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'CUDA_VISIBLE_DEVICES': ''}
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+SIGNAL_RUN_STEPS = 120
+
+
+@pytest.fixture(scope='module')
+def uninterrupted_cli_run(tmp_path_factory):
+  model_dir = tmp_path_factory.mktemp('straight')
+  straight = subprocess.run(cli_command(model_dir, SIGNAL_RUN_STEPS), env=cli_env(),
+                            capture_output=True, text=True, timeout=600)
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  return model_dir
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_a_signal_checkpoints_the_current_step_and_the_run_resumes_exactly(
+    tmp_path, signum, uninterrupted_cli_run):
+  """A real signal to a real training process mid-run: it saves the step it is at (model,
+  optimizer, input position), says so in one line, exits 0; the same command finishes the
+  run, whose parameters equal an uninterrupted run's bitwise."""
+  import re
+  import time
+  steps = SIGNAL_RUN_STEPS
+  stopped_dir = tmp_path / 'stopped'
+  proc = subprocess.Popen(cli_command(stopped_dir, steps), env=cli_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  progress, deadline = b'', time.time() + 300
+  while time.time() < deadline:  # the progress bar (stderr) shows steps being taken
+    chunk = proc.stderr.read1(4096)
+    progress += chunk
+    done = [int(n) for n in re.findall(rb'\| *(\d+)/%d' % steps, progress)]
+    if (done and max(done) >= 5) or not chunk:
+      break
+  assert done and 5 <= max(done) < steps, progress[-500:]
+  proc.send_signal(signum)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  lines = [line for line in out.decode().splitlines() if line.startswith('Stopped by')]
+  assert len(lines) == 1, out.decode()
+  stopped_at = int(re.search(r'at step (\d+)', lines[0]).group(1))
+  assert signal.Signals(signum).name in lines[0] and max(done) <= stopped_at < steps
+  assert os.listdir(stopped_dir / 'checkpoints') == [str(stopped_at)]
+
+  resumed = subprocess.run(cli_command(stopped_dir, steps), env=cli_env(), capture_output=True,
+                           text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resumed from' in resumed.stdout
+  from ul2 import checkpoints
+  ours, _ = checkpoints.load(str(stopped_dir))
+  theirs, _ = checkpoints.load(str(uninterrupted_cli_run))
+  assert_params_equal(ours, theirs)

@@ -168,6 +168,17 @@ def from_hf_state_dict(tensors: Mapping[str, np.ndarray], config: network.Config
   return flax.traverse_util.unflatten_dict(flat)
 
 
+def prepare_export_dir(path: str, overwrite: bool = False) -> None:
+  """An empty folder to export into: refuses one with files in it (stale weight shards would
+  mix with the new ones) unless `overwrite`, which clears it first."""
+  if os.path.isdir(path) and os.listdir(path):
+    if not overwrite:
+      raise ValueError(f'{path} is not empty; choose another --output or pass --overwrite '
+                       'to replace its contents.')
+    shutil.rmtree(path)
+  os.makedirs(path, exist_ok=True)
+
+
 def save_hf(params: Any, config: network.Config, output_dir: str,
             spm_path: str = vocabulary.SPM_PATH) -> None:
   """Writes a `T5ForConditionalGeneration` directory: config.json, model.safetensors and the
@@ -451,12 +462,9 @@ def _load_t5x_tensorstore(path: str) -> dict:
   for key, leaf in flax.traverse_util.flatten_dict(
       target, is_leaf=lambda _, x: _is_ts_spec(x)).items():
     if _is_ts_spec(leaf):
-      spec = json.loads(json.dumps(leaf))
-      store_path = spec['kvstore']['path']
-      if not os.path.isabs(store_path):
-        spec['kvstore']['path'] = os.path.join(path, store_path)
-      spec.pop('metadata', None)  # read whatever was written
-      flat[key] = ts.open(spec, open=True).result().read().result()
+      spec = {'driver': leaf['driver'], 'kvstore': {
+          'driver': 'file', 'path': _confined(path, leaf, '/'.join(key))}}
+      flat[key] = ts.open(spec, open=True).result().read().result()  # as written
     elif isinstance(leaf, str) and os.path.isdir(os.path.join(path, 'target.' + _dotted(key))):
       flat[key] = ts.open({'driver': 'zarr', 'kvstore': {
           'driver': 'file', 'path': os.path.join(path, 'target.' + _dotted(key))}},
@@ -465,6 +473,27 @@ def _load_t5x_tensorstore(path: str) -> dict:
       flat[key] = leaf
   return flax.traverse_util.unflatten_dict(
       {key: np.asarray(value, np.float32) for key, value in flat.items()})
+
+
+def _confined(checkpoint_dir: str, spec: Mapping[str, Any], name: str) -> str:
+  """The local path of a spec's array, which must lie inside `checkpoint_dir`.
+
+  T5X writes paths relative to the checkpoint (`target.encoder.layers_0...`), with the file
+  driver, or with the gcs driver and the relative path beside it when written to a bucket
+  (T5X reads those locally the same way). An absolute path or one leaving the folder is
+  refused: a checkpoint must not make the loader read elsewhere.
+  """
+  kvstore = spec.get('kvstore', {})
+  relative = kvstore.get('path') if kvstore.get('driver') == 'file' else spec.get('path')
+  if kvstore.get('driver') not in ('file', 'gcs') or not relative:
+    raise ValueError(f'{checkpoint_dir}/checkpoint: {name} is stored with kvstore '
+                     f'{kvstore!r}; only files inside the checkpoint folder are read.')
+  root = os.path.realpath(checkpoint_dir)
+  full = os.path.realpath(os.path.join(root, relative))
+  if os.path.isabs(relative) or os.path.commonpath([root, full]) != root:
+    raise ValueError(f'{checkpoint_dir}/checkpoint: {name} points outside the checkpoint '
+                     f'folder ({relative!r}); refusing to read it.')
+  return full
 
 
 def _is_ts_spec(x) -> bool:

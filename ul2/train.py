@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -395,22 +397,29 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
                      summaries=inputs.pipeline is not None, log=log)
   best = checkpoints_lib.read_best(run.model_dir)
 
-  for step in range(start, run.steps):
-    state, metrics = compiled.train_step(
-        state, partitioning.global_batch(next(inputs.train), compiled.mesh))
-    done = step + 1
-    records.add(done, metrics)
-    if _due(done, run.log_every, run.steps):
-      records.flush(done)
-    if inputs.validation and _due(done, run.eval_every, run.steps):
-      records.validation(done, _validate(compiled, state.params, inputs.validation))
-    if run.metrics_every and data.eval_split and _due(done, run.metrics_every, run.steps):
-      task_metrics = _task_metrics(compiled.model, state.params, data, run)
-      records.task_metrics(done, task_metrics)
-      if run.keep_best:
-        best = _keep_best(run, done, task_metrics, state.params, model, best)
-    if inputs.pipeline is not None and _due(done, run.checkpoint_every, run.steps):
-      checkpoints.save(done, state, inputs.pipeline)
+  with _StopSignals() as signals:
+    for step in range(start, run.steps):
+      state, metrics = compiled.train_step(
+          state, partitioning.global_batch(next(inputs.train), compiled.mesh))
+      done = step + 1
+      records.add(done, metrics)
+      stop = signals.agreed(done)
+      if _due(done, run.log_every, run.steps) or stop:
+        records.flush(done)
+      if inputs.validation and _due(done, run.eval_every, run.steps):
+        records.validation(done, _validate(compiled, state.params, inputs.validation))
+      if run.metrics_every and data.eval_split and _due(done, run.metrics_every, run.steps):
+        task_metrics = _task_metrics(compiled.model, state.params, data, run)
+        records.task_metrics(done, task_metrics)
+        if run.keep_best:
+          best = _keep_best(run, done, task_metrics, state.params, model, best)
+      if inputs.pipeline is not None and (_due(done, run.checkpoint_every, run.steps) or stop):
+        checkpoints.save(done, state, inputs.pipeline)
+      if stop:
+        checkpoints.wait()
+        log(f'Stopped by {signals.received} at step {done}: saved '
+            f'{checkpoints.directory}/{done}; run the same command to resume.')
+        break
 
   checkpoints.wait()
   checkpoints.close()
@@ -420,6 +429,46 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
     log(f'TensorBoard: tensorboard --logdir {os.path.abspath(run.model_dir)}')
   return TrainResult(state, records.history, records.eval_history, run.model_dir, start,
                      records.metrics_history)
+
+
+class _StopSignals:
+  """SIGTERM (a preemption, `scancel`, `kill`) and SIGINT (Ctrl-C) ask the loop to checkpoint
+  the step it is at and return; a second signal exits at once.
+
+  Every process must stop at the same step: with several processes they agree through JAX's
+  preemption sync point (the coordination service relays a SIGTERM to all of them), and the
+  handlers are installed only in a single process, where nothing else listens.
+  """
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous = {}
+
+  def __enter__(self) -> _StopSignals:
+    single = jax.process_count() == 1
+    if single and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    if self.received is not None:
+      os._exit(128 + signum)  # a second signal: stop now, as the user insists
+    self.received = signal.Signals(signum).name
+
+  def agreed(self, step: int) -> bool:
+    """Whether to stop after `step` (the same answer on every process)."""
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.received = self.received or 'a preemption notice'
+        return True
+      return False
+    return self.received is not None
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
 
 def _due(step: int, every: int, last: int) -> bool:
