@@ -72,8 +72,12 @@ def main(argv=None):
 
   gin_cli.parse(gin_files, bindings)
   model_dir = gin_cli.macro('MODEL_DIR')
-  given = checkpoints.write_gin_config(model_dir, gin.config_str())
-  result = gin.get_configurable(train_lib.train)()
+  given_config = gin.config_str()
+  # Written once the run has started: a run that fails to start leaves an existing run's
+  # config.gin as it was.
+  given = os.path.join(model_dir, checkpoints.CONFIG_GIN)
+  result = gin.get_configurable(train_lib.train)(
+      started=lambda: checkpoints.write_gin_config(model_dir, given_config))
   # The operative config: every parameter the run actually used, with its value.
   checkpoints.write_gin_config(model_dir, gin.operative_config_str(), operative=True)
   if jax.process_index() == 0:

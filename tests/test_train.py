@@ -291,6 +291,16 @@ def test_train_cli_writes_config_checkpoints_and_logs(tmp_path):
   assert 'train.TrainConfig' in operative and 'network.Config' in operative
   assert os.listdir(model_dir / 'checkpoints') == ['3']
   assert glob.glob(str(model_dir / 'train' / 'events.out.tfevents.*'))
+  # A run that fails to start (here: a batch the 8 data shards cannot split) leaves the
+  # existing run's files as they were.
+  with pytest.raises(ValueError, match='Batch size 7 must be divisible'):
+    train_script.main([
+        '--gin_file=models/tiny.gin', '--gin_file=runs/pretrain.gin',
+        "--gin.MIXTURE_OR_TASK_NAME='ul2_mod_gutenberg'",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}",
+        '--gin.TRAIN_STEPS=6', '--gin.BATCH_SIZE=7', f"--gin.MODEL_DIR='{model_dir}'"])
+  assert (model_dir / 'config.gin').read_text() == config
+  assert (model_dir / 'operative_config.gin').read_text() == operative
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,3 +438,28 @@ def test_a_signal_checkpoints_the_current_step_and_the_run_resumes_exactly(
   ours, _ = checkpoints.load(str(stopped_dir))
   theirs, _ = checkpoints.load(str(uninterrupted_cli_run))
   assert_params_equal(ours, theirs)
+
+
+def test_metrics_up_to_a_checkpoint_survive_a_kill(tmp_path):
+  """SIGKILL right after the step-5 checkpoint of a run that logs only every 1000 steps: the
+  TensorBoard file still holds the loss of steps 1-5, written when the checkpoint was."""
+  import time
+  import tensorflow as tf
+  model_dir = tmp_path / 'killed'
+  command = [arg for arg in cli_command(model_dir, 400) if 'CHECKPOINT_EVERY' not in arg
+             and 'log_every' not in arg]
+  proc = subprocess.Popen(command + ['--gin.CHECKPOINT_EVERY=5',
+                                     '--gin.train.TrainConfig.log_every=1000'],
+                          env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (model_dir / 'checkpoints' / '5').is_dir():
+    time.sleep(0.2)
+  proc.kill()
+  proc.wait(timeout=60)
+  assert (model_dir / 'checkpoints' / '5').is_dir()
+  steps = set()
+  for path in glob.glob(str(model_dir / 'train' / 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      if any(v.tag == 'loss' for v in event.summary.value):
+        steps.add(event.step)
+  assert set(range(1, 6)) <= steps

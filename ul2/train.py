@@ -377,12 +377,14 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
           mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
           devices: Sequence[jax.Device] | None = None,
           batches: Iterator[dict[str, np.ndarray]] | None = None,
-          log: Callable[[str], None] = print) -> TrainResult:
+          log: Callable[[str], None] = print,
+          started: Callable[[], None] | None = None) -> TrainResult:
   """Trains (or resumes training) until `run.steps`; returns the state and per-step metrics.
 
   `batches` replaces the seqio input with given host batches (the feature converter's keys):
   they have no position to save, so such a run neither validates, checkpoints nor writes
-  summaries.
+  summaries. `started` is called once the run has its state, fresh or restored: what it
+  writes into model_dir (the gin config) is then never written by a run that failed to start.
   """
   compiled = compile_run(model, optimizer, run, mesh, devices)
   partitioning.check_batch_size(data.batch_size, compiled.mesh, run.microbatches)
@@ -392,6 +394,8 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
                                             run.async_checkpointing)
   state = _initial_state(compiled, checkpoints, inputs, model, run, log)
   checkpoints_lib.write_model_config(run.model_dir, model)
+  if started is not None:
+    started()
   start = int(state.step)
   records = _Records(run, model, data, compiled.mesh, start,
                      summaries=inputs.pipeline is not None, log=log)
@@ -414,6 +418,7 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
         if run.keep_best:
           best = _keep_best(run, done, task_metrics, state.params, model, best)
       if inputs.pipeline is not None and (_due(done, run.checkpoint_every, run.steps) or stop):
+        records.persist(done)  # the metrics up to a checkpoint outlive a crash after it
         checkpoints.save(done, state, inputs.pipeline)
       if stop:
         checkpoints.wait()
@@ -609,6 +614,13 @@ class _Records:
       self.bar.set_postfix(loss=f'{last["loss"]:.3f}', tok_s=f'{last["tokens_per_s"]:,.0f}',
                            refresh=False)
       self.bar.update(step - self.bar.n)
+
+  def persist(self, step: int) -> None:
+    """Fetches what is pending and writes the summary files out."""
+    if self.pending:
+      self.flush(step)
+    for writer in (self.writers or {}).values():
+      writer.flush()
 
   def validation(self, step: int, result: dict[str, float]) -> None:
     self.eval_history.append({'step': step, **result})
