@@ -30,7 +30,8 @@ but the T5 vocabulary has 100 sentinels (the reference code then silently uses o
 pieces as sentinels). By default (`MixtureConfig(sentinel_overflow='shrink')`) it takes fewer
 raw tokens, 602 instead of 815, so its spans fit; `'cap'` keeps the longer chunk and caps the
 span count (mean span ~4 instead of 3), `'error'` refuses (`register_corpus(...,
-objectives=...)`).
+objectives=...)`). Likewise X(64, 0.15) takes 449 tokens (one span of 67) rather than ~600
+(one span of ~89): `MixtureConfig.exact_mean_span`.
 """
 
 from __future__ import annotations

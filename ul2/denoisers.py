@@ -30,7 +30,9 @@ Three pitfalls of the reference `ul2_objective` are handled here (reference §1)
      (X(3, 0.5) at 512 inputs: 127 of 100) takes fewer raw tokens, so that its spans fit and it
      keeps its (mu, r) (`sentinel_overflow='shrink'`, the default); or its span count is capped
      (`'cap'`: spans get longer than mu); or it is rejected when the preprocessor is built
-     (`'error'`). Never are ordinary word pieces used as sentinels.
+     (`'error'`). Never are ordinary word pieces used as sentinels. Likewise a denoiser whose
+     integer span count would miss mu by more than 5% (X(64, 0.15) at 512: one span of ~89)
+     takes a shorter chunk (`exact_mean_span`).
   2. Prompt overflow: each denoiser's raw chunk length is chosen so that mode token + corrupted
      inputs + EOS and targets + EOS fit the feature lengths; nothing is trimmed afterwards.
   3. The S sentinel: `Denoiser.s_sentinel` appends `<extra_id_0>` to S inputs (model cards).
@@ -138,6 +140,11 @@ class MixtureConfig:
   # the span count at the number of sentinels; spans get longer than mu), or 'error' (refuse
   # to build, say what to do).
   sentinel_overflow: str = 'shrink'
+  # T5's span count is round(noise / mu), an integer, so a short chunk can miss mu by far
+  # (X(64, 0.15) in ~600 tokens: 89 noise tokens in 1 span). True: such a denoiser takes the
+  # longest chunk whose mean span is within MEAN_SPAN_TOLERANCE of mu (X(64, 0.15) at 512:
+  # 449 tokens, one span of 67). False, or with 'cap': the reference's sizing.
+  exact_mean_span: bool = True
   # None: mode tokens as text ('[NLU]' -> [784, 567, 9138, 908]), as the released UL2
   # checkpoints use them. Or one id per mode, e.g. vocabulary.DEDICATED_MODE_IDS.
   mode_token_ids: Mapping[str, int] | None = None
@@ -252,6 +259,9 @@ def plan_chunks(config: MixtureConfig, feature_lengths: Mapping[str, int],
           return room_in + 1, room_tgt + 1  # too many spans: does not fit
         return _span_corruption_lengths(n, d, cap)
       length, worst = _largest_fitting(lengths, room_in, room_tgt)
+      if config.exact_mean_span and config.sentinel_overflow != 'cap' and length >= 2:
+        length = _exact_mean_span_length(length, d, cap)
+        worst = tuple(map(max, zip(*(lengths(n) for n in range(2, length + 1)))))
       spans = max(span_counts(n, d, cap)[1] for n in range(2, length + 1)) if length >= 2 else 0
       if spans > num_sentinels:
         raise ValueError(
@@ -269,6 +279,23 @@ def plan_chunks(config: MixtureConfig, feature_lengths: Mapping[str, int],
           "'inputs'/'targets' lengths (UL2 uses 512/512).")
     plans.append(ChunkPlan(d, length, prompt, worst[0] + prompt + 1, worst[1] + 1, spans))
   return plans
+
+
+MEAN_SPAN_TOLERANCE = 0.05
+
+
+def _exact_mean_span_length(longest: int, d: Denoiser, cap: int | None) -> int:
+  """The longest chunk up to `longest` whose mean span is within MEAN_SPAN_TOLERANCE of mu
+  (`longest` itself where none is).
+
+  >>> _exact_mean_span_length(596, X(64, 0.15), None), span_counts(449, X(64, 0.15))
+  (449, (67, 1))
+  """
+  for n in range(longest, 1, -1):
+    noise, spans = span_counts(n, d, cap)
+    if abs(noise / spans / d.mean_span_length - 1) <= MEAN_SPAN_TOLERANCE:
+      return n
+  return longest
 
 
 def _span_corruption_lengths(n: int, d: Denoiser, cap: int | None) -> tuple[int, int]:
