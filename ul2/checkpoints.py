@@ -119,14 +119,15 @@ def load(path: str, config: network.Config | None = None, ignore_extra: bool = F
   if interop.is_hf_directory(path):
     params, hf_config = interop.load_hf(path)
     config = config or hf_config
+    params = interop.match_params(params, config, path, ignore_extra)
   else:
     if config is None:
       config = read_model_config(path)
     if interop.find_t5x_checkpoint(path) is not None:
-      params = interop.load_t5x(path, config, ignore_extra)
+      params = interop.load_t5x(path, config, ignore_extra)  # matched against config there
     else:
-      params = interop.read_orbax_params(resolve_checkpoint(path))
-  params = interop.match_params(params, config, path, ignore_extra)
+      params = interop.match_params(interop.read_orbax_params(resolve_checkpoint(path)),
+                                    config, path, ignore_extra)
   if config.scan_layers:
     params = network.stack_layers(params, config)
   return params, config

@@ -408,10 +408,13 @@ def match_params(params: dict, config: network.Config, where: str,
                    '--gin.train.TrainConfig.init_from_ignore_extra=True for init_from)')
     raise ValueError(f"{where}: the checkpoint's parameters do not match the model config: "
                      + '; '.join(parts) + '.')
-  params = flax.traverse_util.unflatten_dict(
+  wrong = [(k, tuple(got[k].shape), tuple(v.shape)) for k, v in sorted(expected.items())
+           if tuple(got[k].shape) != tuple(v.shape)]
+  if wrong:
+    raise ValueError(f'{where}: parameters do not match the model config ({len(wrong)} '
+                     f'differences, e.g. {wrong[:3]} as (name, checkpoint, config)).')
+  return flax.traverse_util.unflatten_dict(
       {tuple(k.split('/')): v for k, v in got.items() if k in expected})
-  network.check_param_shapes(params, config, where)
-  return params
 
 
 def read_orbax_params(path: str) -> dict:

@@ -728,18 +728,6 @@ def param_shapes(config: Config) -> Any:
   return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
 
 
-def check_param_shapes(params: Any, config: Config, where: str) -> None:
-  """Raises one line naming `where` unless `params` (per-layer tree) is `config`'s tree."""
-  expected = param_shapes(dataclasses.replace(config, scan_layers=False))
-  got = {k: tuple(v.shape) for k, v in flatten_params(params).items()}
-  want = {k: tuple(v.shape) for k, v in flatten_params(expected).items()}
-  if got != want:
-    wrong = [(k, got.get(k), want.get(k)) for k in sorted(set(got) | set(want))
-             if got.get(k) != want.get(k)]
-    raise ValueError(f'{where}: parameters do not match the model config ({len(wrong)} '
-                     f'differences, e.g. {wrong[:3]} as (name, checkpoint, config)).')
-
-
 def flatten_params(params: Any) -> dict[str, Any]:
   """{'encoder/layers_0/mlp/wo/kernel': array, ...}: T5X's parameter names, '/'-joined."""
   return {'/'.join(path): value
