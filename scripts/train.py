@@ -75,9 +75,12 @@ def main(argv=None):
   given_config = gin.config_str()
   # Written once the run has started: a run that fails to start leaves an existing run's
   # config.gin as it was.
-  given = os.path.join(model_dir, checkpoints.CONFIG_GIN)
-  result = gin.get_configurable(train_lib.train)(
-      started=lambda: checkpoints.write_gin_config(model_dir, given_config))
+  given = checkpoints.join(model_dir, checkpoints.CONFIG_GIN)
+  try:
+    result = gin.get_configurable(train_lib.train)(
+        started=lambda: checkpoints.write_gin_config(model_dir, given_config))
+  except checkpoints.CheckpointError as e:  # a failed save, a NaN loss, no intact checkpoint
+    raise SystemExit(f'error: {str(e).splitlines()[0]}') from None  # without gin's addendum
   # The operative config: every parameter the run actually used, with its value.
   checkpoints.write_gin_config(model_dir, gin.operative_config_str(), operative=True)
   if jax.process_index() == 0:

@@ -35,7 +35,8 @@ def test_a_run_writes_the_documented_layout(model_dir):
   assert sorted(os.listdir(os.path.join(path, checkpoints.CHECKPOINTS))) == ['2', '3']
   assert sorted(os.listdir(os.path.join(path, checkpoints.DATA))) == ['2', '3']
   assert sorted(os.listdir(os.path.join(path, checkpoints.DATA, '3'))) == [
-      'process_0.data-00000-of-00001', 'process_0.index', 'process_0.layout.json']
+      'process_0.data-00000-of-00001', 'process_0.index', 'process_0.layout.json',
+      'process_0.manifest.json']
   saved = json.loads(open(os.path.join(path, checkpoints.MODEL_CONFIG)).read())
   assert network.Config(**saved) == TINY
 

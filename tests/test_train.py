@@ -215,7 +215,8 @@ def test_two_processes_on_localhost_match_one_process(tmp_path):
   # Each process saved its own input position next to the shared checkpoint.
   assert sorted(os.listdir(tmp_path / 'multi' / 'data' / '4')) == [
       'process_0.data-00000-of-00001', 'process_0.index', 'process_0.layout.json',
-      'process_1.data-00000-of-00001', 'process_1.index', 'process_1.layout.json']
+      'process_0.manifest.json', 'process_1.data-00000-of-00001', 'process_1.index',
+      'process_1.layout.json', 'process_1.manifest.json']
   layouts = [json.loads((tmp_path / 'multi' / 'data' / '4' / f'process_{i}.layout.json')
                         .read_text()) for i in range(2)]
   assert [(l['processes'], l['input_shards'], l['shards_of_this_process']) for l in layouts] == [
@@ -463,3 +464,50 @@ def test_metrics_up_to_a_checkpoint_survive_a_kill(tmp_path):
       if any(v.tag == 'loss' for v in event.summary.value):
         steps.add(event.step)
   assert set(range(1, 6)) <= steps
+
+
+def test_two_processes_stop_at_the_same_step_on_sigterm(tmp_path):
+  """A preemption of a two-process run (SIGTERM to both, as SLURM or a TPU maintenance event
+  sends it): JAX's preemption sync point makes both stop after the same step, both save their
+  input positions for it, both exit 0 with one line; the same commands resume from it."""
+  import re
+  import time
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  model_dir = tmp_path / 'run'
+
+  def start(steps, port):
+    return [subprocess.Popen(cli_command(model_dir, steps) + [
+        f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
+        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+
+  procs = start(400, port)
+  progress, deadline, done = b'', time.time() + 300, []
+  while time.time() < deadline:  # the chief's progress bar shows steps being taken
+    chunk = procs[0].stderr.read1(4096)
+    progress += chunk
+    done = [int(n) for n in re.findall(rb'\| *(\d+)/400', progress)]
+    if (done and max(done) >= 5) or not chunk:
+      break
+  assert done and max(done) >= 5, progress[-500:]
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+  stopped = [re.findall(r'Stopped by .* at step (\d+)', out.decode()) for out, _ in outs]
+  assert len(stopped[0]) == 1 and stopped[0] == stopped[1], outs
+  step = int(stopped[0][0])
+  assert max(done) <= step < 400
+  assert os.listdir(model_dir / 'checkpoints') == [str(step)]
+  assert {'process_0.index', 'process_1.index', 'process_0.manifest.json',
+          'process_1.manifest.json'} <= set(os.listdir(model_dir / 'data' / str(step)))
+
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  procs = start(step + 2, port)
+  outs = [p.communicate(timeout=600) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+  assert all(f'/checkpoints/{step} (step {step})' in out.decode() for out, _ in outs)
+  assert sorted(os.listdir(model_dir / 'checkpoints')) == sorted([str(step), str(step + 2)])

@@ -7,8 +7,16 @@ A training run writes everything into one `model_dir`:
     checkpoints/<step>/                orbax: {'step', 'params', 'opt_state'}, the last N
     data/<step>/process_<i>.*          each process's input position at that step, with the
                                        input layout it belongs to (`ul2.data.HostBatches`)
+    data/<step>/process_<i>.manifest.json  checksums of the step's arrays and of that
+                                       process's position files, written before orbax commits
+                                       the step; a restore verifies them
+    quarantine/<step>[.<n>]/           a checkpoint that failed to restore or to match its
+                                       manifest, moved aside (never deleted)
     best/, best.json                   the parameters with the best task metric (fine-tuning)
     train/, validation/                TensorBoard event files
+
+`model_dir` is a local path or a URL (`gs://bucket/run`, or any scheme TensorFlow's gfile
+knows): URLs reach orbax, the position files, the config files and TensorBoard unchanged.
 
 Parameters are saved with T5X's per-layer names even when the model scans its layers, so a
 checkpoint is a T5X orbax tree: it restores into T5X and into a model with either layout.
@@ -28,13 +36,17 @@ export scripts all come here.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import posixpath
 import re
 import shutil
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ul2 import data as data_lib
@@ -47,42 +59,140 @@ CHECKPOINTS = 'checkpoints'
 DATA = 'data'
 BEST = 'best'
 BEST_JSON = 'best.json'
+QUARANTINE = 'quarantine'
+MANIFEST_SUFFIX = '.manifest.json'  # data/<step>/process_<i>.manifest.json
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths: local, or URLs through TensorFlow's gfile (gs://, ram://, ...)
+# ----------------------------------------------------------------------------------------------
+
+def is_url(path: str) -> bool:
+  """>>> is_url('gs://bucket/run'), is_url('runs/quickstart')
+  (True, False)"""
+  return '://' in str(path)
+
+
+def join(path: str, *parts: str) -> str:
+  """`os.path.join` that leaves a URL a URL.
+
+  >>> join('gs://bucket/run', 'checkpoints', '300')
+  'gs://bucket/run/checkpoints/300'
+  """
+  return posixpath.join(str(path), *parts) if is_url(path) else os.path.join(path, *parts)
+
+
+def parent(path: str) -> str:
+  """>>> parent('gs://bucket/run/data/3/process_0')
+  'gs://bucket/run/data/3'"""
+  return posixpath.dirname(path) if is_url(path) else os.path.dirname(path)
+
+
+def absolute(path: str) -> str:
+  """A local path made absolute; a URL unchanged (`os.path.abspath('gs://b/r')` would make it
+  the local folder './gs:/b/r').
+
+  >>> absolute('gs://bucket/run')
+  'gs://bucket/run'
+  """
+  return str(path) if is_url(path) else os.path.abspath(path)
+
+
+def _gfile():
+  import tensorflow as tf  # only for URLs: local files need no TensorFlow
+  return tf.io.gfile
+
+
+def open_file(path: str, mode: str = 'r'):
+  return _gfile().GFile(path, mode) if is_url(path) else open(path, mode)
+
+
+def exists(path: str) -> bool:
+  return _gfile().exists(path) if is_url(path) else os.path.exists(path)
+
+
+def isdir(path: str) -> bool:
+  return _gfile().isdir(path) if is_url(path) else os.path.isdir(path)
+
+
+def listdir(path: str) -> list[str]:
+  if is_url(path):
+    return [name.rstrip('/') for name in _gfile().listdir(path)]
+  return os.listdir(path)
+
+
+def makedirs(path: str) -> None:
+  if is_url(path):
+    _gfile().makedirs(path)
+  else:
+    os.makedirs(path, exist_ok=True)
+
+
+def rename(source: str, target: str) -> None:
+  if is_url(source):
+    _gfile().rename(source, target)
+  else:
+    os.rename(source, target)
+
+
+def rmtree(path: str) -> None:
+  if is_url(path):
+    if _gfile().exists(path):
+      _gfile().rmtree(path)
+  else:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _orbax_path(path: str):
+  """What orbax takes: an `epath.Path` for a URL orbax knows (gs://, s3://), else a local
+  absolute path."""
+  if is_url(path):
+    from etils import epath
+    try:
+      return epath.Path(path)
+    except KeyError:
+      raise CheckpointError(
+          f'model_dir {path}: orbax cannot write checkpoints to this kind of URL; use a local '
+          'path or gs:// (or s3://).') from None
+  return os.path.abspath(path)
 
 
 # ----------------------------------------------------------------------------------------------
 # Config files
 # ----------------------------------------------------------------------------------------------
 
+def _write_text(path: str, text: str) -> None:
+  makedirs(parent(path))
+  with open_file(path, 'w') as f:
+    f.write(text)
+
+
 def write_model_config(model_dir: str, config: network.Config) -> None:
   if jax.process_index() == 0:
-    os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, MODEL_CONFIG), 'w') as f:
-      json.dump(dataclasses.asdict(config), f, indent=1)
+    _write_text(join(model_dir, MODEL_CONFIG), json.dumps(dataclasses.asdict(config), indent=1))
 
 
 def write_gin_config(model_dir: str, text: str, operative: bool = False) -> str:
   """Writes config.gin (as given) or operative_config.gin (as used); returns the path."""
-  path = os.path.join(model_dir, OPERATIVE_CONFIG_GIN if operative else CONFIG_GIN)
+  path = join(model_dir, OPERATIVE_CONFIG_GIN if operative else CONFIG_GIN)
   if jax.process_index() == 0:
-    os.makedirs(model_dir, exist_ok=True)
-    with open(path, 'w') as f:
-      f.write(text)
+    _write_text(path, text)
   return path
 
 
 def read_model_config(path: str) -> network.Config:
   """The `model_config.json` of the model_dir that `path` is (or is inside of)."""
-  path = os.path.abspath(path)
+  path = absolute(path).rstrip('/')
   while True:
-    candidate = os.path.join(path, MODEL_CONFIG)
-    if os.path.exists(candidate):
-      with open(candidate) as f:
+    candidate = join(path, MODEL_CONFIG)
+    if exists(candidate):
+      with open_file(candidate) as f:
         return network.Config(**json.load(f))
-    parent = os.path.dirname(path)
-    if parent == path:
+    above = parent(path)
+    if above == path or above.endswith(':/'):
       raise FileNotFoundError(f'No {MODEL_CONFIG} in the checkpoint folder or above it; pass '
                               'the model with --gin_file=models/<size>.gin instead.')
-    path = parent
+    path = above
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,13 +201,13 @@ def read_model_config(path: str) -> network.Config:
 
 def resolve_checkpoint(path: str) -> str:
   """model_dir | model_dir/checkpoints | a step folder -> the latest step folder."""
-  for candidate in (path, os.path.join(path, CHECKPOINTS)):
-    if not os.path.isdir(candidate):
+  for candidate in (path, join(path, CHECKPOINTS)):
+    if not isdir(candidate):
       continue
-    steps = [d for d in os.listdir(candidate) if re.fullmatch(r'\d+', d)]
+    steps = [d for d in listdir(candidate) if re.fullmatch(r'\d+', d)]
     if steps:
-      return os.path.join(candidate, max(steps, key=int))
-  if os.path.isdir(path):
+      return join(candidate, max(steps, key=int))
+  if isdir(path):
     return path
   raise FileNotFoundError(f'No checkpoint at {path}.')
 
@@ -114,7 +224,7 @@ def load(path: str, config: network.Config | None = None, ignore_extra: bool = F
   which a T5X folder does not have. `ignore_extra`: drop parameters the config lacks instead
   of refusing.
   """
-  if not os.path.exists(path):
+  if not exists(path):
     raise FileNotFoundError(f'No checkpoint at {path}.')
   if interop.is_hf_directory(path):
     params, hf_config = interop.load_hf(path)
@@ -155,22 +265,38 @@ def load_model(path: str, config: network.Config | None = None, ignore_extra: bo
 # A run's checkpoints and input positions
 # ----------------------------------------------------------------------------------------------
 
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be saved or restored; the message is one line for the user."""
+
+
 class Checkpoints:
   """Orbax checkpoints of the train state plus each process's input position, per step.
 
   A step exists only once orbax has finalised it (it writes to a temporary directory and
-  renames it), and the input positions are written before the state, so a listed step always
-  has both.
+  renames it). Before that, each process writes its input position and a manifest: 64-bit
+  checksums of every array of the state and sha256 of its position files. `restore_latest`
+  verifies both and moves a step that fails aside, to the newest intact one.
+
+  A state with a non-finite parameter or optimizer statistic is never saved (`save` raises
+  `CheckpointError` naming the step and the last good checkpoint), and the step a run resumed
+  from (verified) is kept by the rotation until a newer step replaces it as the latest.
   """
 
   def __init__(self, model_dir: str, model_cfg: network.Config, keep: int,
                async_checkpointing: bool = True):
     self.model_cfg = model_cfg
-    self.data_dir = os.path.join(model_dir, DATA)
+    self.model_dir = str(model_dir)
+    self.data_dir = join(model_dir, DATA)
+    self.verified: int | None = None  # the step restored and verified, kept by the rotation
+    self._saving: int | None = None  # the step of the save in flight
+    self._checksums = jax.jit(_checksums_and_finite)
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+        [ocp.checkpoint_managers.LatestN(n=keep), _KeepVerified(self)])
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(model_dir, CHECKPOINTS)),
+        _orbax_path(join(model_dir, CHECKPOINTS)),
+        item_handlers=ocp.StandardCheckpointHandler(),  # so item_metadata reads shapes
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_checkpointing,
+            preservation_policy=policy, enable_async_checkpointing=async_checkpointing,
             cleanup_tmp_directories=True))
 
   @property
@@ -184,38 +310,186 @@ class Checkpoints:
     return list(self.manager.all_steps())
 
   def _data_path(self, step: int) -> str:
-    return os.path.join(self.data_dir, str(step), f'process_{jax.process_index()}')
+    return join(self.data_dir, str(step), f'process_{jax.process_index()}')
+
+  def describe_last_good(self) -> str:
+    """'the last good checkpoint is step <n> in <dir>' (or that there is none)."""
+    last = self.latest_step()
+    return ('no checkpoint was saved before it' if last is None else
+            f'the last good checkpoint is step {last} in {self.directory}')
 
   def save(self, step: int, state: Any, batches: data_lib.HostBatches) -> None:
-    """Saves `state` (a `train.TrainState`) and the input position of `batches` as `step`."""
-    batches.save(self._data_path(step))
+    """Saves `state` (a `train.TrainState`) and the input position of `batches` as `step`.
+
+    Raises `CheckpointError` (one line: the step, the path, the cause) when the state is not
+    finite or a file cannot be written; the checkpoints already saved stay as they were.
+    """
+    self.check()  # the previous save's outcome first
     item = {'step': state.step, 'params': network.unstack_layers(state.params, self.model_cfg),
             'opt_state': state.opt_state}
-    self.manager.save(step, args=ocp.args.StandardSave(item), force=True)
+    checksums, finite = jax.device_get(self._checksums(item))
+    if not finite:
+      raise CheckpointError(
+          f'Step {step}: the parameters or optimizer state are not finite (NaN or inf), so '
+          f'step {step} was not saved; {self.describe_last_good()}. Resume from it with a '
+          'lower learning rate or a different seed.')
+    path = self._data_path(step)
+    try:
+      batches.save(path)
+      _write_text(path + MANIFEST_SUFFIX, json.dumps(
+          {'step': step, 'arrays': _flat_checksums(checksums),
+           'files': _file_digests(path)}, indent=0))
+      self._saving = step
+      self.manager.save(step, args=ocp.args.StandardSave(item), force=True)
+    except CheckpointError:
+      raise
+    except Exception as e:  # disk full, permissions, a vanished bucket...
+      raise self._save_failed(step, e) from e
     self._remove_stale_data()
 
+  def _save_failed(self, step: int, error: BaseException) -> CheckpointError:
+    cause = ' '.join(str(error).split())[:300] or type(error).__name__
+    return CheckpointError(
+        f'Saving checkpoint step {step} to {self.model_dir} failed: {cause}. Nothing after '
+        f'it was saved; {self.describe_last_good()} and intact. Fix the cause (free space, '
+        'permissions) and rerun the same command to resume.')
+
+  def check(self) -> None:
+    """Raises `CheckpointError` if the save in flight (async) has failed."""
+    if self._saving is None:
+      return
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:
+      step, self._saving = self._saving, None
+      raise self._save_failed(step, e) from e
+
   def _remove_stale_data(self) -> None:
-    if jax.process_index() != 0 or not os.path.isdir(self.data_dir):
+    if jax.process_index() != 0 or not isdir(self.data_dir):
       return
     kept = set(self.manager.all_steps())
     oldest = min(kept) if kept else None
-    for name in os.listdir(self.data_dir):
+    for name in listdir(self.data_dir):
       if name.isdigit() and oldest is not None and int(name) < oldest:
-        shutil.rmtree(os.path.join(self.data_dir, name), ignore_errors=True)
+        rmtree(join(self.data_dir, name))
 
   def restore(self, step: int, abstract: Any, per_layer_shardings: Any) -> dict[str, Any]:
     """{'step', 'params', 'opt_state'} of `step`, sharded as `abstract` (a `TrainState` of
     `jax.ShapeDtypeStruct`s) and `per_layer_shardings` (the parameters' in the saved layout)
-    say; the parameters in the run's layout (scanned or not)."""
+    say; the parameters in the run's layout (scanned or not).
+
+    Raises `DamagedCheckpoint` when the step cannot be read or does not match its manifest,
+    and `CheckpointError` when it is intact but holds another model.
+    """
     params_abstract = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
         network.unstack_layers(abstract.params, self.model_cfg),
         per_layer_shardings)
     item = {'step': abstract.step, 'params': params_abstract, 'opt_state': abstract.opt_state}
-    restored = self.manager.restore(step, args=ocp.args.StandardRestore(item))
+    self._check_shapes(step, item)
+    manifest = self._read_manifest(step)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.StandardRestore(item))
+    except Exception as e:
+      raise DamagedCheckpoint(' '.join(str(e).split())[:200] or type(e).__name__) from e
+    if manifest is not None:
+      got = _flat_checksums(jax.device_get(self._checksums(restored)[0]))
+      bad = sorted(k for k in manifest['arrays'] if got.get(k) != manifest['arrays'][k])
+      if bad:
+        raise DamagedCheckpoint(f'{len(bad)} arrays differ from their manifest checksums, '
+                                f'e.g. {bad[0]}')
     if self.model_cfg.scan_layers:
       restored['params'] = network.stack_layers(restored['params'], self.model_cfg)
     return restored
+
+  def _check_shapes(self, step: int, item: Any) -> None:
+    """The saved tree's shapes against the run's: a damaged tree is `DamagedCheckpoint`, a
+    different model `CheckpointError`."""
+    try:
+      saved = self.manager.item_metadata(step)['params']
+      saved_shapes = {k: tuple(v.shape) for k, v in _flatten_tree(saved).items()}
+    except Exception as e:
+      raise DamagedCheckpoint('its metadata cannot be read: '
+                              + (' '.join(str(e).split())[:200] or type(e).__name__)) from e
+    wanted = {k: tuple(v.shape) for k, v in _flatten_tree(item['params']).items()}
+    if saved_shapes != wanted:
+      differ = sorted(k for k in set(saved_shapes) | set(wanted)
+                      if saved_shapes.get(k) != wanted.get(k))
+      raise CheckpointError(
+          f'Checkpoint step {step} in {self.directory} holds another model than this run\'s '
+          f'({len(differ)} parameters differ, e.g. {differ[0]}: saved '
+          f'{saved_shapes.get(differ[0])}, model {wanted.get(differ[0])}); run with the model '
+          'config it was trained with, or use another model_dir.')
+
+  def _read_manifest(self, step: int) -> dict | None:
+    """This process's manifest of `step`, its position files verified; None for a
+    checkpoint saved before manifests were written."""
+    path = self._data_path(step)
+    if not exists(path + MANIFEST_SUFFIX):
+      return None
+    try:
+      with open_file(path + MANIFEST_SUFFIX) as f:
+        manifest = json.load(f)
+    except Exception as e:
+      raise DamagedCheckpoint(f'its manifest {path + MANIFEST_SUFFIX} is unreadable '
+                              f'({type(e).__name__})') from e
+    files = _file_digests(path)
+    bad = sorted(k for k in manifest['files'] if files.get(k) != manifest['files'][k])
+    if bad:
+      raise DamagedCheckpoint(f'input position file {bad[0]} differs from its manifest')
+    return manifest
+
+  def restore_latest(self, abstract: Any, per_layer_shardings: Any,
+                     batches: data_lib.HostBatches | None, resume_input: str = 'exact',
+                     log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """The newest intact checkpoint (`restore`), with `batches` moved to its position; None
+    when there is no checkpoint.
+
+    A step that cannot be read or fails its manifest is moved to model_dir/quarantine/ with
+    one warning line, and the next newest is tried; all processes agree on each verdict.
+    """
+    steps = sorted(self.all_steps(), reverse=True)
+    damaged = []
+    for step in steps:
+      try:
+        restored, error = self.restore(step, abstract, per_layer_shardings), None
+      except DamagedCheckpoint as e:
+        restored, error = None, str(e)
+      if _any_process(error is not None):
+        error = error or 'damaged on another process'
+        where = self.quarantine(step)
+        damaged.append(step)
+        rest = [s for s in steps if s < step]
+        log(f'WARNING: checkpoint step {step} is damaged ({error}); moved to {where}; '
+            + (f'trying step {rest[0]}.' if rest else 'no older checkpoint is left.'))
+        continue
+      if batches is not None:
+        self.restore_position(step, batches, resume_input, log)
+      self.verified = step
+      return restored
+    if damaged:
+      raise CheckpointError(
+          f'No intact checkpoint in {self.directory}: steps {damaged} are damaged and were '
+          f'moved to {join(self.model_dir, QUARANTINE)}. Rerun to start the run from its '
+          'beginning, or restore a copy of a checkpoint first.')
+    return None
+
+  def quarantine(self, step: int) -> str:
+    """Moves `step`'s checkpoint and input positions to model_dir/quarantine/<step>[.<n>]/."""
+    target = join(self.model_dir, QUARANTINE, str(step))
+    n = 0
+    while exists(target):
+      n += 1
+      target = join(self.model_dir, QUARANTINE, f'{step}.{n}')
+    if jax.process_index() == 0:
+      makedirs(target)
+      for source, name in ((join(self.directory, str(step)), CHECKPOINTS),
+                           (join(self.data_dir, str(step)), DATA)):
+        if exists(source):
+          rename(source, join(target, name))
+    _sync(f'quarantine_{step}')
+    self.manager.reload()
+    return target
 
   def restore_position(self, step: int, batches: data_lib.HostBatches,
                        resume_input: str = 'exact',
@@ -245,10 +519,118 @@ class Checkpoints:
           'new pipeline from its beginning.')
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the save in flight is committed; `CheckpointError` if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      if self._saving is None:
+        raise
+      raise self._save_failed(self._saving, e) from e
+    self.check()
+    self._saving = None
 
   def close(self) -> None:
     self.manager.close()
+
+  def __enter__(self) -> Checkpoints:
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    """Commits the save in flight (the state it holds was good) and closes the manager,
+    also when the run stops on an error."""
+    if exc_type is None:
+      self.wait()
+    else:
+      try:
+        self.wait()
+      except Exception:  # the run's own error is the one to report
+        pass
+    self.close()
+
+
+class DamagedCheckpoint(Exception):
+  """A step that cannot be read or does not match its manifest (the message says how)."""
+
+
+class _KeepVerified:
+  """Orbax preservation policy: keep the step the run resumed from (verified against its
+  manifest) until it is no longer the newest one verified, so the rotation never deletes it
+  for steps saved after it."""
+
+  def __init__(self, checkpoints: Checkpoints):
+    self.checkpoints = checkpoints
+
+  def should_preserve(self, checkpoints, *, context):
+    return [c.step == self.checkpoints.verified for c in checkpoints]
+
+
+def _array_checksum(x: jax.Array) -> jax.Array:
+  """Two 32-bit lanes of a position-dependent sum over the bits of `x` ([2] uint32).
+
+  Each element is mixed with its index by a bijection, so changing any one element changes
+  both lanes; computed by XLA on the sharded array, so every process gets the same value
+  whatever the sharding, without gathering the array.
+  """
+  x = jnp.asarray(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+  bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+  i = jax.lax.iota(jnp.uint32, bits.size)
+  a = (bits ^ (i * jnp.uint32(0x9E3779B9))) * jnp.uint32(0x85EBCA6B)
+  a = a ^ (a >> 16)
+  b = (bits + i * jnp.uint32(0xC2B2AE35)) * jnp.uint32(0x27D4EB2F)
+  b = b ^ (b >> 15)
+  return jnp.stack([jnp.sum(a, dtype=jnp.uint32), jnp.sum(b, dtype=jnp.uint32)])
+
+
+def _checksums_and_finite(tree: Any) -> tuple[Any, jax.Array]:
+  """(a checksum per leaf, whether every floating-point leaf is finite)."""
+  finite = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jax.tree.map(_array_checksum, tree), jnp.all(jnp.stack(finite or [jnp.bool_(True)]))
+
+
+def _flatten_tree(tree: Any) -> dict[str, Any]:
+  """{'params/encoder/...': leaf}: the names a manifest uses.
+
+  >>> _flatten_tree({'params': {'a': 1, 'b': [2, 3]}})
+  {'params/a': 1, 'params/b/0': 2, 'params/b/1': 3}
+  """
+  def name(path):
+    return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
+                    for k in path)
+  return {name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _flat_checksums(checksums: Any) -> dict[str, str]:
+  return {k: '%08x%08x' % tuple(int(v) for v in np.asarray(c))
+          for k, c in _flatten_tree(checksums).items()}
+
+
+def _file_digests(path: str) -> dict[str, str]:
+  """sha256 of this process's position files (`<path>.*` but the manifest)."""
+  folder, prefix = parent(path), path[len(parent(path)):].lstrip('/')
+  digests = {}
+  for name in sorted(listdir(folder)):
+    if name.startswith(prefix + '.') and not name.endswith(MANIFEST_SUFFIX):
+      with open_file(join(folder, name), 'rb') as f:
+        digests[name] = hashlib.sha256(f.read()).hexdigest()
+  return digests
+
+
+def _any_process(flag: bool) -> bool:
+  """Whether `flag` holds on any process (the same answer everywhere)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,9 +639,9 @@ class Checkpoints:
 
 def read_best(model_dir: str) -> dict | None:
   """best.json: {'step', 'metric', 'value', 'metrics'} of `best/`, or None."""
-  path = os.path.join(model_dir, BEST_JSON)
-  if os.path.exists(path):
-    with open(path) as f:
+  path = join(model_dir, BEST_JSON)
+  if exists(path):
+    with open_file(path) as f:
       return json.load(f)
   return None
 
@@ -267,11 +649,10 @@ def read_best(model_dir: str) -> dict | None:
 def save_best(model_dir: str, step: int, metric: str, metrics: Mapping[str, float],
               params: Any, config: network.Config) -> dict:
   """Writes `params` to model_dir/best/ and their metrics to best.json; returns the record."""
-  path = os.path.abspath(os.path.join(model_dir, BEST))
+  path = _orbax_path(join(model_dir, BEST))
   ocp.PyTreeCheckpointer().save(path, {'params': network.unstack_layers(params, config)},
                                 force=True)
   best = {'step': step, 'metric': metric, 'value': metrics[metric], 'metrics': dict(metrics)}
   if jax.process_index() == 0:
-    with open(os.path.join(model_dir, BEST_JSON), 'w') as f:
-      json.dump(best, f, indent=1)
+    _write_text(join(model_dir, BEST_JSON), json.dumps(best, indent=1))
   return best

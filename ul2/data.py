@@ -282,25 +282,28 @@ class HostBatches:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def save(self, path: str) -> None:
+    """Writes the position to `path`.* (a local path or a URL: TensorFlow's gfile)."""
     import tensorflow as tf
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + '.layout.json', 'w') as f:
-      json.dump(self.layout, f, indent=1)
+    tf.io.gfile.makedirs(path.rsplit('/', 1)[0] if '/' in path else '.')
+    with tf.io.gfile.GFile(path + '.layout.json', 'w') as f:
+      f.write(json.dumps(self.layout, indent=1))
     try:
       tf.train.Checkpoint(**self._named()).write(path)
     except tf.errors.FailedPreconditionError:  # e.g. "PyFunc is stateful"
-      with open(path + '.json', 'w') as f:
-        json.dump({'batches_consumed': self.consumed}, f)
+      with tf.io.gfile.GFile(path + '.json', 'w') as f:
+        f.write(json.dumps({'batches_consumed': self.consumed}))
 
   @staticmethod
   def saved(path: str) -> bool:
-    return os.path.exists(path + '.index') or os.path.exists(path + '.json')
+    import tensorflow as tf
+    return tf.io.gfile.exists(path + '.index') or tf.io.gfile.exists(path + '.json')
 
   def layout_changes(self, path: str) -> list[str]:
     """The layout fields that differ from those the position at `path` was saved with."""
-    if not os.path.exists(path + '.layout.json'):
+    import tensorflow as tf
+    if not tf.io.gfile.exists(path + '.layout.json'):
       return []  # written before layouts were saved: nothing to compare
-    with open(path + '.layout.json') as f:
+    with tf.io.gfile.GFile(path + '.layout.json') as f:
       return self._describe_changes(json.load(f))
 
   def _describe_changes(self, saved: Mapping[str, Any], most: int = 8) -> list[str]:
@@ -328,10 +331,10 @@ class HostBatches:
 
   def restore(self, path: str) -> None:
     import tensorflow as tf
-    if os.path.exists(path + '.index'):
+    if tf.io.gfile.exists(path + '.index'):
       tf.train.Checkpoint(**self._named()).read(path).assert_consumed()
       return
-    with open(path + '.json') as f:
+    with tf.io.gfile.GFile(path + '.json') as f:
       target = json.load(f)['batches_consumed']
     while self.consumed < target:
       next(self)

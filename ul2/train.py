@@ -388,7 +388,7 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
   """
   compiled = compile_run(model, optimizer, run, mesh, devices)
   partitioning.check_batch_size(data.batch_size, compiled.mesh, run.microbatches)
-  os.makedirs(run.model_dir, exist_ok=True)
+  checkpoints_lib.makedirs(run.model_dir)
   inputs = _Inputs.build(data, run, batches, log)
   checkpoints = checkpoints_lib.Checkpoints(run.model_dir, model, run.keep_checkpoints,
                                             run.async_checkpointing)
@@ -401,15 +401,16 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
                      summaries=inputs.pipeline is not None, log=log)
   best = checkpoints_lib.read_best(run.model_dir)
 
-  with _StopSignals() as signals:
+  with _StopSignals() as signals, records, checkpoints:
     for step in range(start, run.steps):
       state, metrics = compiled.train_step(
           state, partitioning.global_batch(next(inputs.train), compiled.mesh))
       done = step + 1
       records.add(done, metrics)
+      checkpoints.check()  # a failed asynchronous save stops the run at once
       stop = signals.agreed(done)
       if _due(done, run.log_every, run.steps) or stop:
-        records.flush(done)
+        _check_finite_loss(records.flush(done), checkpoints)
       if inputs.validation and _due(done, run.eval_every, run.steps):
         records.validation(done, _validate(compiled, state.params, inputs.validation))
       if run.metrics_every and data.eval_split and _due(done, run.metrics_every, run.steps):
@@ -418,7 +419,7 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
         if run.keep_best:
           best = _keep_best(run, done, task_metrics, state.params, model, best)
       if inputs.pipeline is not None and (_due(done, run.checkpoint_every, run.steps) or stop):
-        records.persist(done)  # the metrics up to a checkpoint outlive a crash after it
+        _check_finite_loss(records.persist(done), checkpoints)
         checkpoints.save(done, state, inputs.pipeline)
       if stop:
         checkpoints.wait()
@@ -426,14 +427,23 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
             f'{checkpoints.directory}/{done}; run the same command to resume.')
         break
 
-  checkpoints.wait()
-  checkpoints.close()
-  records.close()
   if jax.process_index() == 0 and inputs.pipeline is not None:
     log(f'Checkpoints: {checkpoints.directory}  (steps {checkpoints.all_steps()})')
-    log(f'TensorBoard: tensorboard --logdir {os.path.abspath(run.model_dir)}')
+    log(f'TensorBoard: tensorboard --logdir {checkpoints_lib.absolute(run.model_dir)}')
   return TrainResult(state, records.history, records.eval_history, run.model_dir, start,
                      records.metrics_history)
+
+
+def _check_finite_loss(entries: Sequence[dict[str, float]],
+                       checkpoints: checkpoints_lib.Checkpoints) -> None:
+  """Stops the run at the first step whose loss is NaN or infinite: the parameters after it
+  are not worth saving over the good checkpoints."""
+  for entry in entries:
+    if not np.isfinite(entry['loss']):
+      raise checkpoints_lib.CheckpointError(
+          f'Step {entry["step"]}: the loss is {entry["loss"]}, so nothing after step '
+          f'{checkpoints.latest_step()} is saved; {checkpoints.describe_last_good()}. Resume '
+          'from it with a lower learning rate or a different seed.')
 
 
 class _StopSignals:
@@ -513,15 +523,13 @@ class _Inputs:
 def _initial_state(compiled: CompiledRun, checkpoints: checkpoints_lib.Checkpoints,
                    inputs: _Inputs, model: network.Config, run: TrainConfig,
                    log: Callable[[str], None]) -> TrainState:
-  """The latest checkpoint with its input position; else `run.init_from`; else fresh."""
-  latest = checkpoints.latest_step()
-  if latest is not None:
-    restored = checkpoints.restore(latest, compiled.abstract_state(),
-                                   compiled.per_layer_param_shardings)
-    if inputs.pipeline is not None:
-      checkpoints.restore_position(latest, inputs.pipeline, run.resume_input, log)
+  """The newest intact checkpoint with its input position; else `run.init_from`; else fresh."""
+  restored = checkpoints.restore_latest(compiled.abstract_state(),
+                                       compiled.per_layer_param_shardings, inputs.pipeline,
+                                       run.resume_input, log)
+  if restored is not None:
     state = TrainState(**restored)
-    log(f'Resumed from {checkpoints.directory}/{latest} (step {int(state.step)}).')
+    log(f'Resumed from {checkpoints.directory}/{int(state.step)} (step {int(state.step)}).')
     return state
   if run.init_from:
     # Pretrained parameters, sharded as the run shards them, with a fresh optimizer state.
@@ -574,7 +582,10 @@ class _Records:
   in memory, written to TensorBoard (chief, `summaries`) and shown on a progress bar.
 
   Step metrics stay on the device until `flush`: one device-to-host transfer per log
-  interval is the loop's only sync point.
+  interval is the loop's only sync point. The summary files are written out at every
+  checkpoint and on exit, however the loop ends. A resumed run recomputes exactly the steps
+  after its checkpoint; those already in TensorBoard (logged before a crash) are not written
+  twice.
   """
 
   def __init__(self, run: TrainConfig, model: network.Config, data: data_lib.DataConfig,
@@ -587,6 +598,9 @@ class _Records:
     self.peak = run.peak_flops_per_device or flops_lib.peak_flops(mesh.devices.flat[0])
     is_chief = jax.process_index() == 0
     self.writers = _summary_writers(run.model_dir) if is_chief and summaries else None
+    # The last step each split's summaries hold (a resumed run's earlier life).
+    self.logged = ({split: _last_logged_step(checkpoints_lib.join(run.model_dir, split))
+                    for split in self.writers} if self.writers else {})
     self.bar = _progress_bar(run, start) if is_chief and run.progress_bar else None
     self.log = self.bar.write if self.bar is not None else log
     self.history, self.eval_history, self.metrics_history = [], [], []
@@ -596,31 +610,34 @@ class _Records:
   def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
     self.pending.append((step, metrics))
 
-  def flush(self, step: int) -> None:
+  def flush(self, step: int) -> list[dict[str, float]]:
+    """Fetches the pending step metrics and logs them; returns their entries."""
     fetched = jax.device_get([m for _, m in self.pending])
     now = time.perf_counter()
     seconds_per_step = (now - self.last_time) / (step - self.last_step)
     self.last_time, self.last_step = now, step
     rates = flops_lib.throughput(self.flops, self.tokens_per_step, seconds_per_step,
                                  self.devices, self.peak)
+    entries = []
     for (s, _), m in zip(self.pending, fetched):
-      entry = {'step': s, **{k: float(v) for k, v in m.items()},
-               'tokens_per_s': rates['tokens_per_s'], 'mfu': rates['mfu']}
-      self.history.append(entry)
-      self._write('train', s, entry)
+      entries.append({'step': s, **{k: float(v) for k, v in m.items()},
+                      'tokens_per_s': rates['tokens_per_s'], 'mfu': rates['mfu']})
+      self._write('train', s, entries[-1])
+    self.history += entries
     self.pending = []
-    if self.bar is not None:
-      last = self.history[-1]
+    if self.bar is not None and entries:
+      last = entries[-1]
       self.bar.set_postfix(loss=f'{last["loss"]:.3f}', tok_s=f'{last["tokens_per_s"]:,.0f}',
                            refresh=False)
       self.bar.update(step - self.bar.n)
+    return entries
 
-  def persist(self, step: int) -> None:
-    """Fetches what is pending and writes the summary files out."""
-    if self.pending:
-      self.flush(step)
+  def persist(self, step: int) -> list[dict[str, float]]:
+    """Fetches what is pending and writes the summary files out; returns the new entries."""
+    entries = self.flush(step) if self.pending else []
     for writer in (self.writers or {}).values():
       writer.flush()
+    return entries
 
   def validation(self, step: int, result: dict[str, float]) -> None:
     self.eval_history.append({'step': step, **result})
@@ -634,7 +651,7 @@ class _Records:
     self.log(f'step {step}: ' + ', '.join(f'{k} {v:.2f}' for k, v in metrics.items()))
 
   def _write(self, split: str, step: int, values: Mapping[str, float | None]) -> None:
-    if self.writers is None:
+    if self.writers is None or step <= self.logged.get(split, 0):
       return
     import tensorflow as tf
     with self.writers[split].as_default(step=step):
@@ -642,7 +659,10 @@ class _Records:
         if name != 'step' and value is not None:
           tf.summary.scalar(name, value)
 
-  def close(self) -> None:
+  def __enter__(self) -> _Records:
+    return self
+
+  def __exit__(self, *exc) -> None:
     if self.bar is not None:
       self.bar.close()
     for writer in (self.writers or {}).values():
@@ -656,5 +676,19 @@ def _progress_bar(run: TrainConfig, start: int):
 
 def _summary_writers(model_dir: str) -> dict[str, Any]:
   import tensorflow as tf
-  return {split: tf.summary.create_file_writer(os.path.join(model_dir, split))
+  return {split: tf.summary.create_file_writer(checkpoints_lib.join(model_dir, split))
           for split in ('train', 'validation')}
+
+
+def _last_logged_step(directory: str) -> int:
+  """The largest step of any scalar in the TensorBoard event files of `directory` (0: none)."""
+  import tensorflow as tf
+  last = 0
+  for path in tf.io.gfile.glob(checkpoints_lib.join(directory, 'events.out.tfevents.*')):
+    try:
+      for event in tf.compat.v1.train.summary_iterator(path):
+        if event.summary.value:
+          last = max(last, event.step)
+    except tf.errors.DataLossError:  # a file cut short by a kill: what was read counts
+      pass
+  return last

@@ -1,0 +1,274 @@
+"""Recovery: damaged checkpoints, non-finite states, failed saves, TensorBoard on resume, and
+model directories given as URLs.
+
+Damage is done to real orbax checkpoints on disk (flipped, cut and deleted files, a valid
+checkpoint with another step's arrays, an altered input position), the failed save is a real
+write error (a file-size limit on a real training process), URLs go through TensorFlow's gfile
+(its in-memory ram:// filesystem).
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+import train_setup
+from train_setup import TINY
+from ul2 import checkpoints
+from ul2 import data as data_lib
+from ul2 import train as T
+
+
+def assert_trees_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def largest_file(folder):
+  files = [p for p in glob.glob(os.path.join(folder, '**'), recursive=True) if os.path.isfile(p)]
+  return max(files, key=os.path.getsize)
+
+
+def run_logged(model_dir, steps, **kwargs):
+  lines = []
+  eval_split = kwargs.pop('eval_split', None)
+  optimizer = kwargs.pop('optimizer', train_setup.OPTIMIZER)
+  result = T.train(
+      model=TINY,
+      data=data_lib.DataConfig('ul2_mod_gutenberg', train_setup.LENGTHS, batch_size=8,
+                               eval_split=eval_split),
+      run=T.TrainConfig(str(model_dir), steps=steps, progress_bar=False, **kwargs),
+      optimizer=optimizer, log=lines.append)
+  return result, lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def test_every_damaged_checkpoint_is_moved_aside_and_the_newest_intact_one_resumes(tmp_path):
+  """Six checkpoints, five of them damaged in a different way, and an empty step folder: the
+  resumed run names each, moves it to quarantine/ (nothing deleted), resumes from step 1 and
+  ends with the parameters of the undamaged run, bitwise."""
+  model_dir = tmp_path / 'run'
+  straight, _ = run_logged(model_dir, 6, checkpoint_every=1, keep_checkpoints=10,
+                           async_checkpointing=False)
+  ckpt = model_dir / 'checkpoints'
+  assert sorted(int(s) for s in os.listdir(ckpt)) == [1, 2, 3, 4, 5, 6]
+
+  (ckpt / '7').mkdir()  # an empty step folder (a copy cut short, a stray mkdir)
+  # 6: a valid orbax checkpoint holding step 5's arrays: only the manifest can tell.
+  shutil.rmtree(ckpt / '6' / 'default')
+  shutil.copytree(ckpt / '5' / 'default', ckpt / '6' / 'default')
+  with open(largest_file(ckpt / '5'), 'r+b') as f:  # 5: 64 bytes flipped in the array data
+    f.seek(os.path.getsize(f.name) // 2)
+    chunk = f.read(64)
+    f.seek(-64, os.SEEK_CUR)
+    f.write(bytes(b ^ 0xFF for b in chunk))
+  with open(largest_file(ckpt / '4'), 'r+b') as f:  # 4: cut short
+    f.truncate(os.path.getsize(f.name) // 3)
+  os.remove(largest_file(ckpt / '3'))  # 3: a file deleted
+  position = model_dir / 'data' / '2' / 'process_0.data-00000-of-00001'
+  position.write_bytes(position.read_bytes()[:-8] + bytes(8))  # 2: the input position altered
+  sizes = {step: sum(os.path.getsize(p) for p in glob.glob(str(ckpt / step / '**'),
+                                                            recursive=True)) for step in '23456'}
+
+  resumed, lines = run_logged(model_dir, 6, checkpoint_every=1, keep_checkpoints=10,
+                              async_checkpointing=False)
+  assert resumed.start_step == 1
+  assert_trees_equal(resumed.state.params, straight.state.params)
+  warnings = [line for line in lines if line.startswith('WARNING: checkpoint step')]
+  assert [int(line.split()[3]) for line in warnings] == [7, 6, 5, 4, 3, 2], lines
+  assert 'differ from their manifest checksums' in warnings[1]
+  assert 'input position file process_0.data-00000-of-00001' in warnings[5]
+  assert all(line.count('\n') == 0 and 'quarantine' in line for line in warnings)
+  quarantine = model_dir / 'quarantine'
+  assert sorted(os.listdir(quarantine)) == ['2', '3', '4', '5', '6', '7']
+  for step, size in sizes.items():  # moved whole, not deleted
+    moved = glob.glob(str(quarantine / step / 'checkpoints' / '**'), recursive=True)
+    assert sum(os.path.getsize(p) for p in moved) == size, step
+  assert (quarantine / '2' / 'data' / 'process_0.index').exists()
+
+
+def test_no_intact_checkpoint_is_one_error_and_another_model_is_not_damage(tmp_path):
+  model_dir = tmp_path / 'run'
+  run_logged(model_dir, 2, checkpoint_every=2, async_checkpointing=False)
+  other = TINY.__class__(**{**TINY.__dict__, 'mlp_dim': 96})
+  config = data_lib.DataConfig('ul2_mod_gutenberg', train_setup.LENGTHS, batch_size=8,
+                               eval_split=None)
+  with pytest.raises(checkpoints.CheckpointError, match=r'step 2 .* holds another model .*'
+                     r'mlp.*\(32, 64\).*\(32, 96\)'):
+    T.train(model=other, data=config, run=T.TrainConfig(str(model_dir), steps=4),
+            optimizer=train_setup.OPTIMIZER, log=lambda _: None)
+  assert os.listdir(model_dir / 'checkpoints') == ['2']  # a config mistake moves nothing
+
+  os.remove(largest_file(model_dir / 'checkpoints' / '2'))
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r'No intact checkpoint .*: steps \[2\] are damaged .*quarantine'):
+    run_logged(model_dir, 4)
+  assert os.listdir(model_dir / 'quarantine') == ['2']
+
+
+def test_the_step_a_run_resumed_from_survives_the_rotation(tmp_path):
+  model_dir = tmp_path / 'run'
+  run_logged(model_dir, 2, checkpoint_every=2, keep_checkpoints=1)
+  run_logged(model_dir, 6, checkpoint_every=2, keep_checkpoints=1)
+  assert sorted(int(s) for s in os.listdir(model_dir / 'checkpoints')) == [2, 6]
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite states
+# ---------------------------------------------------------------------------------------------
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+  """A learning rate that overflows the parameters: the run stops at the first NaN loss,
+  naming it and the last good checkpoint, which stays the latest."""
+  model_dir = tmp_path / 'run'
+  run_logged(model_dir, 2, checkpoint_every=2, log_every=1)
+  exploding = T.OptimizerConfig(schedule='constant', learning_rate=1e38, warmup_steps=0)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r'Step \d+: the loss is (nan|inf)') as error:
+    run_logged(model_dir, 8, checkpoint_every=1, log_every=1, optimizer=exploding)
+  bad = int(re.match(r'Step (\d+)', str(error.value)).group(1))
+  assert f'the last good checkpoint is step {bad - 1} in ' in str(error.value)
+  saved = sorted(int(s) for s in os.listdir(model_dir / 'checkpoints'))
+  assert saved == list(range(2, bad))
+  for step in saved:  # every state saved is finite
+    params, _ = checkpoints.load(str(model_dir / 'checkpoints' / str(step)))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+  # The state check itself, without a loss: NaN parameters are refused by `save`.
+  compiled = T.compile_run(TINY, T.OptimizerConfig(), T.TrainConfig(str(model_dir), 1),
+                           train_setup.partitioning.MeshConfig())
+  state = compiled.init(jax.random.key(0))
+  state = state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
+  saver = checkpoints.Checkpoints(str(model_dir), TINY, keep=3)
+  with pytest.raises(checkpoints.CheckpointError, match='Step 9: the parameters or optimizer '
+                     f'state are not finite .* last good checkpoint is step {bad - 1}'):
+    saver.save(9, state, data_lib.HostBatches([]))
+  assert saver.all_steps() == saved and not (model_dir / 'data' / '9').exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A failed save (the disk full, a quota): a real write error in a real training process
+# ---------------------------------------------------------------------------------------------
+
+def test_a_failed_save_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp_path):
+  from test_train import cli_command, cli_env
+  model_dir = tmp_path / 'run'
+  command = [a for a in cli_command(model_dir, 4) if 'CHECKPOINT_EVERY' not in a]
+  command.append('--gin.CHECKPOINT_EVERY=2')
+  first = subprocess.run(command, env=cli_env(), capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+
+  # At most 64 KiB per file (`ulimit -f`, what a full quota looks like to a writer): the
+  # 8 MB parameter file of the next checkpoint fails with EFBIG ("File too large").
+  limited = ['bash', '-c', 'ulimit -f 64 && exec "$@"', 'bash'] + [
+      a.replace('TRAIN_STEPS=4', 'TRAIN_STEPS=8') for a in command]
+  full = subprocess.run(limited, env=cli_env(), capture_output=True, text=True, timeout=600)
+  assert full.returncode == 1
+  assert 'Traceback' not in full.stderr, full.stderr[-3000:]
+  error = full.stderr.strip().splitlines()[-1]
+  assert error.startswith('error: Saving checkpoint step 6 to ') and 'too large' in error.lower()
+  assert 'the last good checkpoint is step 4' in error, error
+  assert sorted(os.listdir(model_dir / 'checkpoints')) == ['2', '4']
+
+  again = subprocess.run([a.replace('TRAIN_STEPS=4', 'TRAIN_STEPS=6') for a in command],
+                         env=cli_env(), capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'Resumed from' in again.stdout and 'WARNING' not in again.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard on resume
+# ---------------------------------------------------------------------------------------------
+
+def scalar_steps(folder, tag):
+  import tensorflow as tf
+  found = []
+  for path in sorted(glob.glob(os.path.join(folder, 'events.out.tfevents.*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == tag:
+          found.append((event.step, float(tf.make_ndarray(value.tensor))))
+  return found
+
+
+def test_a_resumed_run_writes_each_step_once(tmp_path):
+  """Steps 1-4 logged, but the run died before checkpointing step 4 (its checkpoint removed
+  here): the resumed run recomputes 3 and 4 (the same values, resume is exact) and writes
+  only 5 and 6."""
+  model_dir = tmp_path / 'run'
+  run_logged(model_dir, 4, checkpoint_every=2, log_every=1, async_checkpointing=False)
+  shutil.rmtree(model_dir / 'checkpoints' / '4')
+  shutil.rmtree(model_dir / 'data' / '4')
+  resumed, _ = run_logged(model_dir, 6, checkpoint_every=2, log_every=1)
+  assert resumed.start_step == 2
+  logged = scalar_steps(str(model_dir / 'train'), 'loss')
+  assert [s for s, _ in logged] == [1, 2, 3, 4, 5, 6]
+  recomputed = {h['step']: h['loss'] for h in resumed.history}
+  assert {s: v for s, v in logged if s in (3, 4)} == pytest.approx(
+      {3: recomputed[3], 4: recomputed[4]}, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model directories as URLs
+# ---------------------------------------------------------------------------------------------
+
+def test_gs_urls_stay_urls_on_their_way_to_orbax():
+  url = 'gs://bucket/runs/base'
+  assert checkpoints.join(url, checkpoints.CHECKPOINTS, '300') == 'gs://bucket/runs/base/checkpoints/300'
+  assert checkpoints.absolute(url) == url and os.path.abspath(url) != url
+  assert checkpoints.parent(checkpoints.join(url, 'data', '3')) == 'gs://bucket/runs/base/data'
+  orbax_dir = checkpoints._orbax_path(checkpoints.join(url, checkpoints.CHECKPOINTS))
+  assert str(orbax_dir) == 'gs://bucket/runs/base/checkpoints'
+  assert type(orbax_dir).__module__.startswith('etils.epath')
+  with pytest.raises(checkpoints.CheckpointError, match='ram://x: orbax cannot write'):
+    checkpoints._orbax_path('ram://x')
+
+
+def test_what_goes_through_gfile_works_on_a_non_local_filesystem():
+  """TensorFlow's ram:// filesystem: config files, input positions with their manifest,
+  best.json and TensorBoard, read back through the same functions a run uses."""
+  import tensorflow as tf
+  model_dir = 'ram://bucket/runs/tiny'
+  checkpoints.write_model_config(model_dir, TINY)
+  path = checkpoints.write_gin_config(model_dir, "MODEL_DIR = 'ram://bucket/runs/tiny'\n")
+  assert path == 'ram://bucket/runs/tiny/config.gin'
+  assert checkpoints.read_model_config(checkpoints.join(model_dir, 'checkpoints', '3')) == TINY
+  assert not os.path.exists('ram:')  # nothing landed in a local folder named after the URL
+
+  data = data_lib.DataConfig('ul2_mod_gutenberg', train_setup.LENGTHS, batch_size=8)
+  make = lambda: data_lib.HostBatches(
+      data_lib.make_datasets(data, 'train', 0, repeat=True, shuffle=True),
+      data_lib.input_layout(data, 0))
+  batches = make()
+  next(batches)
+  position = checkpoints.join(model_dir, 'data', '1', 'process_0')
+  batches.save(position)
+  expected = next(batches)
+  digests = checkpoints._file_digests(position)
+  assert sorted(digests) == ['process_0.data-00000-of-00001', 'process_0.index',
+                             'process_0.layout.json']
+  restored = make()
+  assert data_lib.HostBatches.saved(position) and not restored.layout_changes(position)
+  restored.restore(position)
+  for key, value in next(restored).items():
+    np.testing.assert_array_equal(value, expected[key])
+
+  writer = tf.summary.create_file_writer(checkpoints.join(model_dir, 'train'))
+  with writer.as_default(step=7):
+    tf.summary.scalar('loss', 1.5)
+  writer.flush()
+  assert T._last_logged_step(checkpoints.join(model_dir, 'train')) == 7
+  assert checkpoints.read_best(model_dir) is None
+
+
+def test_a_run_into_a_url_orbax_cannot_write_says_so_in_one_line():
+  with pytest.raises(checkpoints.CheckpointError, match='ram://bucket/run/checkpoints: orbax'):
+    run_logged('ram://bucket/run', 1)
