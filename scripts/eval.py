@@ -8,7 +8,14 @@ rank scoring; a results table (markdown and JSON) with per-task metrics and the 
 `--checkpoint`: a model_dir of ours (its latest checkpoint, or `best/` with --best), a
 checkpoints/<step> folder, an HF T5/UL2 directory or a T5X checkpoint_N folder. The model
 config comes from model_config.json / config.json or `--gin_file=models/<size>.gin`.
-`--method auto` ranks the label candidates of classification tasks and decodes ReCoRD.
+`--method auto` ranks the label candidates of classification tasks and decodes ReCoRD and
+WSC (whose model names the referent). With `--best`, the mode token and the method default to
+those the fine-tuning run selected its best parameters with (best.json).
+
+Leaderboard files: `--split test --submission DIR` writes DIR/<Task>.jsonl (AX-b and AX-g
+added) and DIR.zip; `--predictions` writes OUTPUT/predictions/<task>.jsonl for any split.
+A task that fails (a missing file, a bad record) is listed in the table; the others' results
+are written, and the exit status is non-zero.
 """
 
 import argparse
@@ -22,14 +29,16 @@ import gin_cli  # noqa: E402
 from ul2 import data, vocabulary  # noqa: E402
 
 
-def results_table(results, average) -> str:
-  lines = ['| task | examples | method | metrics | score |', '|---|---:|---|---|---:|']
+def results_table(results, average, failed=()) -> str:
+  lines = ['| task | split | examples | method | metrics | score |', '|---|---|---:|---|---|---:|']
   for r in results:
     metrics = ', '.join(f'{k} {v:.1f}' for k, v in r['metrics'].items())
-    lines.append(f'| {r["task"]} | {r["examples"]} | {r["method"]} | {metrics} | '
+    lines.append(f'| {r["task"]} | {r["split"]} | {r["examples"]} | {r["method"]} | {metrics} | '
                  f'{r["score"]:.1f} |')
-  lines.append(f'| **average** ({len([r for r in results if r["in_average"]])} tasks) | | | | '
+  lines.append(f'| **average** ({len([r for r in results if r["in_average"]])} tasks) | | | | | '
                f'**{average:.1f}** |')
+  for task, error in failed:
+    lines.append(f'| {task} | failed | | | {error} | |')
   return '\n'.join(lines) + '\n'
 
 
@@ -42,61 +51,185 @@ def main(argv=None):
                       help='drop checkpoint entries the model config does not have')
   parser.add_argument('--tasks', default='cb,copa,rte', help='comma-separated SuperGLUE tasks')
   parser.add_argument('--split', default='validation')
-  parser.add_argument('--method', choices=('auto', 'decode', 'rank'), default='auto')
-  parser.add_argument('--few_shot', type=int, default=0)
-  parser.add_argument('--mode', default=vocabulary.NLU,
-                      help=f"one of {', '.join(vocabulary.MODE_TOKENS)} or '' (none)")
+  parser.add_argument('--method', choices=('auto', 'decode', 'rank'), default=None,
+                      help='default: how the fine-tuning run selected its best parameters '
+                      '(best.json), else auto')
+  parser.add_argument('--few_shot', type=int, default=0,
+                      help='k training examples before each input (drawn with --seed)')
+  parser.add_argument('--protocol', choices=('t5', 'prompted'), default='t5',
+                      help="t5: T5's text-to-text formats (fine-tuned models); prompted: "
+                      'natural-language prompts, per-example candidates scored by likelihood '
+                      '(zero-/few-shot, the README lists the prompts)')
+  parser.add_argument('--length_normalized', action='store_true',
+                      help='prompted: rank candidates by mean log-likelihood per token')
+  parser.add_argument('--seed', type=int, default=0, help='which training examples are shots')
+  parser.add_argument('--mode', default=None,
+                      help=f"one of {', '.join(vocabulary.MODE_TOKENS)} or '' (none); default: "
+                      f'the fine-tuning run\'s (best.json), else {vocabulary.NLU}')
   parser.add_argument('--data_dir', default=None, help='official SuperGLUE jsonl folders')
   parser.add_argument('--inputs_length', type=int, default=512)
   parser.add_argument('--targets_length', type=int, default=16)
   parser.add_argument('--batch_size', type=int, default=32)
   parser.add_argument('--max_examples', type=int, default=None)
   parser.add_argument('--output', default=None, help='folder for results.md and results.json')
+  parser.add_argument('--predictions', action='store_true',
+                      help='also write OUTPUT/predictions/<task>.jsonl: idx, input, '
+                      'prediction, target per example')
+  parser.add_argument('--submission', default=None,
+                      help='with --split test: write the leaderboard files (<Task>.jsonl, '
+                      'AX-b and AX-g included) into this folder and zip them')
   args = parser.parse_args(argv)
+  if args.predictions and not args.output:
+    parser.error('--predictions needs --output')
+  if args.submission and args.split != 'test':
+    parser.error('--submission needs --split test (the leaderboard scores the test set)')
   data.hide_accelerators_from_tensorflow()  # the model runs on the accelerators
 
   from tasks import superglue
   from ul2 import checkpoints, evaluation
+  checkpoint = (checkpoints.join(args.checkpoint, checkpoints.BEST) if args.best
+                else args.checkpoint)
+  selection = (checkpoints.read_best(checkpoint) or {}).get('selection', {}) \
+      if args.best or checkpoint.rstrip('/').endswith(checkpoints.BEST) else {}
+  default_mode = vocabulary.S2S if args.protocol == 'prompted' else vocabulary.NLU
+  mode = args.mode if args.mode is not None else selection.get('mode', default_mode)
   try:
-    mode = vocabulary.check_mode(args.mode, '--mode')
+    mode = vocabulary.check_mode(mode, '--mode')
   except ValueError as e:
     parser.error(str(e))
   superglue.register_superglue(args.data_dir, mode=mode)
-  checkpoint = (os.path.join(args.checkpoint, checkpoints.BEST) if args.best
-                else args.checkpoint)
   model, params = checkpoints.load_model(checkpoint, gin_cli.model_config(args.gin_file),
                                          args.ignore_extra_params)
   lengths = {'inputs': args.inputs_length, 'targets': args.targets_length}
-  results = []
-  for task in [t.strip() for t in args.tasks.split(',') if t.strip()]:
+  names = [t.strip() for t in args.tasks.split(',') if t.strip()]
+  for task in names:
     if task not in superglue.FILES:
       raise SystemExit(f'Unknown SuperGLUE task {task!r}; choose from {sorted(superglue.FILES)}.')
-    method = args.method
+  if args.submission:
+    names += [t for t in ('axb', 'axg') if t not in names]  # the leaderboard wants both
+  results, failed, outputs = [], [], {}
+  for task in names:
+    if args.protocol == 'prompted':
+      split = 'test' if task in ('axb', 'axg') else args.split
+      print(f'{task}: {split} split, prompted {args.few_shot}-shot...', flush=True)
+      try:
+        r = evaluate_prompted(model, params, task, split, args, mode, superglue, evaluation)
+      except Exception as e:
+        failed.append((task, one_line(e)))
+        print(f'{task}: failed: {failed[-1][1]}', flush=True)
+        continue
+      outputs[task] = r
+      results.append({'task': task, 'split': split, 'examples': r.examples,
+                      'method': r.method, 'few_shot': args.few_shot, 'metrics': r.metrics,
+                      'score': evaluation.task_score(r.metrics),
+                      'in_average': task not in ('axb', 'axg')})
+      continue
+    method = args.method or selection.get('method', 'auto')
     if method == 'auto':
-      method = 'rank' if task in superglue.LABELS else 'decode'
+      method = 'rank' if task in superglue.CANDIDATES else 'decode'
+    elif method == 'rank' and task not in superglue.CANDIDATES:
+      raise SystemExit(f'--method rank: {task} has no fixed label candidates (the model names '
+                       'the answer); use --method decode or auto.')
     split = 'test' if task in ('axb', 'axg') else args.split
-    r = evaluation.evaluate(model, params, f'superglue_{task}', feature_lengths=lengths,
-                            split=split, method=method, candidates=superglue.LABELS.get(task),
-                            few_shot=args.few_shot, batch_size=args.batch_size,
-                            max_examples=args.max_examples)
+    print(f'{task}: {split} split, {method}...', flush=True)
+    try:
+      r = evaluation.evaluate(model, params, f'superglue_{task}', feature_lengths=lengths,
+                              split=split, method=method,
+                              candidates=superglue.CANDIDATES.get(task),
+                              few_shot=args.few_shot, batch_size=args.batch_size,
+                              max_examples=args.max_examples)
+    except Exception as e:  # one bad task must not discard the others' results
+      message = one_line(e)
+      print(f'{task}: failed: {message}', flush=True)
+      failed.append((task, message))
+      continue
+    outputs[task] = r
     results.append({'task': task, 'split': split, 'examples': r.examples, 'method': method,
                     'few_shot': args.few_shot, 'metrics': r.metrics,
-                    'score': evaluation.task_score(r.metrics),
-                    'in_average': task not in ('axb', 'axg')})
+                    'score': evaluation.task_score(r.metrics) if r.metrics else float('nan'),
+                    'in_average': task not in ('axb', 'axg') and bool(r.metrics)})
   scored = [r['score'] for r in results if r['in_average']]
   average = sum(scored) / len(scored) if scored else float('nan')
-  table = results_table(results, average)
+  table = results_table(results, average, failed)
   print(table)
   if args.output:
     os.makedirs(args.output, exist_ok=True)
+    splits = sorted({r['split'] for r in results} | {args.split})
     with open(os.path.join(args.output, 'results.md'), 'w') as f:
-      f.write(f'# SuperGLUE: {checkpoint}\n\nmode {args.mode or "none"}, {args.few_shot}-shot, '
-              f'split {args.split}\n\n{table}')
+      f.write(f'# SuperGLUE: {checkpoint}\n\nmode {mode or "none"}, {args.few_shot}-shot, '
+              f'split {", ".join(splits)}\n\n{table}')
     with open(os.path.join(args.output, 'results.json'), 'w') as f:
-      json.dump({'checkpoint': checkpoint, 'mode': args.mode, 'results': results,
-                 'superglue_average': average}, f, indent=1)
+      json.dump({'checkpoint': checkpoint, 'mode': mode, 'split': args.split,
+                 'results': results, 'failed': dict(failed), 'superglue_average': average},
+                f, indent=1)
     print(f'Wrote {args.output}/results.md and results.json')
+    if args.predictions:
+      folder = os.path.join(args.output, 'predictions')
+      os.makedirs(folder, exist_ok=True)
+      for task, r in outputs.items():
+        with open(os.path.join(folder, f'{task}.jsonl'), 'w') as f:
+          for record, prediction in zip(r.records, r.predictions):
+            f.write(json.dumps({'idx': record['idx'], 'input': record['input'],
+                                'prediction': superglue.prediction_text(task, prediction),
+                                'target': record['target']}) + '\n')
+      print(f'Wrote {folder}/<task>.jsonl')
+  if args.submission:
+    write_submission(args.submission, outputs, superglue)
+  if failed:
+    raise SystemExit(f'error: {len(failed)} task(s) failed: '
+                     + '; '.join(f'{t}: {m}' for t, m in failed))
   return results, average
+
+
+def evaluate_prompted(model, params, task, split, args, mode, superglue, evaluation):
+  """The prompted protocol on one task: its prompts and candidates (superglue.PROMPTS), k
+  shots drawn from its training split (RTE's for the diagnostics), the candidates ranked."""
+  import numpy as np
+  examples = superglue.prompted_split(task, split, args.data_dir)[:args.max_examples]
+  shots = []
+  if args.few_shot:
+    pool = [p for p in superglue.prompted_split('rte' if task in ('axb', 'axg') else task,
+                                                'train', args.data_dir) if p.answer_text()]
+    chosen = np.random.default_rng(args.seed).choice(len(pool), args.few_shot, replace=False)
+    shots = [(pool[i].prompt, pool[i].answer_text()) for i in chosen]
+  picked = evaluation.rank_continuations(
+      model, params, [p.prompt for p in examples], [p.candidates for p in examples],
+      inputs_length=args.inputs_length, shots=shots, mode=mode, batch_size=args.batch_size,
+      length_normalized=args.length_normalized)
+  predictions = [superglue.prompted_prediction(task, p, c) for p, c in zip(examples, picked)]
+  metrics = superglue.metrics_for(task)([p.target for p in examples], predictions)
+  method = 'prompted' + (', per token' if args.length_normalized else '')
+  records = [{'idx': p.target['idx'], 'group': p.target['group'], 'input': p.prompt,
+              'target': p.answer_text() or ''} for p in examples]
+  return evaluation.Result(task, metrics, len(examples), method, predictions, mode, records)
+
+
+def one_line(error: BaseException) -> str:
+  """The user's line of an error, also when TensorFlow wrapped it in an iterator error."""
+  text = str(error)
+  if 'SuperGLUE data:' in text:
+    text = text[text.index('SuperGLUE data:'):].splitlines()[0]
+  return ' '.join(text.split())[:400] or type(error).__name__
+
+
+def write_submission(folder, outputs, superglue) -> str:
+  """<Task>.jsonl per evaluated task in the leaderboard's format, zipped as folder.zip."""
+  import zipfile
+  os.makedirs(folder, exist_ok=True)
+  for task, r in outputs.items():
+    rows, invalid = superglue.submission_rows(task, r.records, r.predictions)
+    if invalid:
+      print(f'{task}: {invalid} predictions were no label; submitted as '
+            f'{superglue.SUBMISSION_LABELS[task][0]!r}')
+    with open(os.path.join(folder, f'{superglue.SUBMISSION_FILES[task]}.jsonl'), 'w') as f:
+      f.write(''.join(json.dumps(row) + '\n' for row in rows))
+  archive = folder.rstrip('/') + '.zip'
+  with zipfile.ZipFile(archive, 'w', zipfile.ZIP_DEFLATED) as z:
+    for task in outputs:
+      name = f'{superglue.SUBMISSION_FILES[task]}.jsonl'
+      z.write(os.path.join(folder, name), name)
+  print(f'Wrote the leaderboard files to {folder} and {archive}')
+  return archive
 
 
 if __name__ == '__main__':

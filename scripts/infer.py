@@ -27,8 +27,9 @@ def main(argv=None, out=sys.stdout):
   parser.add_argument('--ignore_extra_params', action='store_true',
                       help='drop checkpoint entries the model config does not have')
   parser.add_argument('--input', required=True)
-  parser.add_argument('--mode', default='', help='mode token to prepend: one of '
-                      f"{', '.join(vocabulary.MODE_TOKENS)} or '' (none)")
+  parser.add_argument('--mode', default=None, help='mode token to prepend: one of '
+                      f"{', '.join(vocabulary.MODE_TOKENS)} or '' (none); default: the one a "
+                      "fine-tuned model's best/ was selected with (best.json), else none")
   parser.add_argument('--decode', choices=('greedy', 'beam', 'sample'), default='greedy')
   parser.add_argument('--max_length', type=int, default=64)
   parser.add_argument('--beam_size', type=int, default=4)
@@ -46,8 +47,13 @@ def main(argv=None, out=sys.stdout):
   import numpy as np
   from ul2 import checkpoints, decoding, network
 
+  mode = args.mode
+  if mode is None:  # a fine-tuned model's best/ answers in the mode it was fine-tuned with
+    best = (checkpoints.read_best(args.checkpoint)
+            if args.checkpoint.rstrip('/').endswith(checkpoints.BEST) else None)
+    mode = (best or {}).get('selection', {}).get('mode', '')
   try:
-    mode = vocabulary.check_mode(args.mode, '--mode')
+    mode = vocabulary.check_mode(mode, '--mode')
   except ValueError as e:
     parser.error(str(e))
   model, params = checkpoints.load_model(args.checkpoint, gin_cli.model_config(args.gin_file),

@@ -97,10 +97,18 @@ def test_best_parameters_round_trip(tmp_path):
   assert checkpoints.read_best(str(tmp_path)) is None
   checkpoints.write_model_config(str(tmp_path), TINY)
   record = checkpoints.save_best(str(tmp_path), 7, 'accuracy', {'accuracy': 75.0, 'f1': 60.0},
-                                 params, TINY)
+                                 params, TINY, {'method': 'decode', 'mode': '[NLU]'})
   assert record == checkpoints.read_best(str(tmp_path)) == {
       'step': 7, 'metric': 'accuracy', 'value': 75.0,
-      'metrics': {'accuracy': 75.0, 'f1': 60.0}}
+      'metrics': {'accuracy': 75.0, 'f1': 60.0},
+      'selection': {'method': 'decode', 'mode': '[NLU]'}}
+  assert checkpoints.read_best(str(tmp_path / checkpoints.BEST)) == record
   loaded, config = checkpoints.load(str(tmp_path / checkpoints.BEST))
   assert config == TINY
   assert_trees_equal(loaded, params)
+
+
+def test_checkpoints_docstring_examples():
+  import doctest
+  result = doctest.testmod(checkpoints)
+  assert result.attempted >= 6 and result.failed == 0

@@ -1,10 +1,12 @@
 """SuperGLUE: official records -> text, metrics against scikit-learn and hand counts,
 fine-tuning through the real pipeline, and the eval and infer CLIs."""
 
+import glob
 import io
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -42,14 +44,17 @@ RECORDS = {
     'wsc': ({'text': 'Mark told Pete many lies about himself, which Pete included in his book.',
              'target': {'span1_text': 'Mark', 'span1_index': 0, 'span2_text': 'his',
                         'span2_index': 11}, 'label': False, 'idx': 5},
-            'wsc span1: Mark text: Mark told Pete many lies about himself, which Pete included '
-            'in *his* book.', 'False'),
+            # T5's wsc_simple: 'wsc:', the pronoun marked, the target is span1 (the referent)
+            'wsc: Mark told Pete many lies about himself, which Pete included in *his* book.',
+            'Mark'),
+    # T5 casts the diagnostics as RTE (t5/data/tasks.py rekeys AX-b's sentence1 -> premise,
+    # sentence2 -> hypothesis; glue_utils names both 'rte'; glue sorts the keys).
     'axb': ({'sentence1': 'The cat sat.', 'sentence2': 'A cat sat.', 'label': 'entailment',
              'idx': 6},
-            'axb sentence1: The cat sat. sentence2: A cat sat.', 'entailment'),
+            'rte hypothesis: A cat sat. premise: The cat sat.', 'entailment'),
     'axg': ({'premise': 'The nurse said she was tired.', 'hypothesis': 'The nurse was tired.',
              'label': 'entailment', 'idx': 7},
-            'axg hypothesis: The nurse was tired. premise: The nurse said she was tired.',
+            'rte hypothesis: The nurse was tired. premise: The nurse said she was tired.',
             'entailment'),
 }
 
@@ -76,16 +81,34 @@ def test_multirc_is_one_example_per_answer_grouped_by_question():
   assert [e['group'] for e in examples] == [20000, 20000, 20001]
 
 
-def test_record_lists_entities_and_keeps_every_answer():
-  text = 'Paris is in France.\n@highlight\nFrance is big'
+def test_multirc_loses_its_html_as_in_t5():
+  # t5.data.preprocessors.glue for multirc: '<br>' -> ' ', '<b>' and '</b>' removed.
+  record = {'idx': 0, 'passage': {
+      'text': 'Sent 1: <b>Ann</b> has a hat.<br>Sent 2: It is red.<br>', 'questions': [
+          {'question': 'What color is <b>it</b>?', 'idx': 0,
+           'answers': [{'text': 'red', 'label': 1, 'idx': 0}]}]}}
+  [example] = sg.format_example('multirc', record)
+  assert example['inputs'] == ('multirc question: What color is it? answer: red paragraph: '
+                               'Sent 1: Ann has a hat. Sent 2: It is red. ')
+
+
+def test_record_joins_highlights_as_t5_and_trains_on_every_answer():
+  # t5.data.preprocessors.record: '<mark>\n@highlight\n' -> '<mark> ', '\n@highlight\n' ->
+  # '. '; entities sorted and deduplicated; one example per answer (training).
+  text = ('Paris is in France.\n@highlight\nFrance is big\n@highlight\n"Paris!"\n@highlight\n'
+          'Big city')
   record = {'idx': 9, 'passage': {'text': text, 'entities': [
-      {'start': 0, 'end': 4}, {'start': 12, 'end': 17}]},
-            'qas': [{'query': '@placeholder is a city.', 'idx': 0,
-                     'answers': [{'start': 0, 'end': 4, 'text': 'Paris'}]}]}
-  [example] = sg.format_example('record', record)
-  assert example['inputs'] == ('record query: @placeholder is a city. entities: France, Paris '
-                               'passage: Paris is in France.\n- France is big')
-  assert example['targets'] == 'Paris' and example['answers'] == ['Paris']
+      {'start': 0, 'end': 4}, {'start': 12, 'end': 17}, {'start': 31, 'end': 36}]},
+            'qas': [{'query': '@placeholder is a country.', 'idx': 0,
+                     'answers': [{'start': 12, 'end': 17, 'text': 'France'},
+                                 {'start': 31, 'end': 36, 'text': 'France'}]}]}
+  train = sg.format_example('record', record, 'train')
+  assert [e['inputs'] for e in train] == 2 * [
+      'record query: @placeholder is a country. entities: France, Paris passage: Paris is in '
+      'France. France is big. "Paris!" Big city']
+  assert [e['targets'] for e in train] == ['France', 'France']
+  [evaluated] = sg.format_example('record', record, 'validation')  # one per query, all answers
+  assert evaluated['answers'] == ['France', 'France'] and evaluated['group'] == 9
 
 
 def test_hf_rows_map_to_the_official_format():
@@ -96,11 +119,46 @@ def test_hf_rows_map_to_the_official_format():
   assert sg.format_example('rte', sg.from_hf_record('rte', test_row))[0]['targets'] == ''
 
 
-def test_wsc_span_must_be_where_the_record_says():
-  record = dict(RECORDS['wsc'][0], target={'span1_text': 'Mark', 'span1_index': 0,
-                                           'span2_text': 'his', 'span2_index': 3})
-  with pytest.raises(ValueError, match="WSC span 'his' is not at word 3"):
-    sg.format_example('wsc', record)
+# The two WSC records T5's `_wsc_inputs` special-cases (their text verbatim from T5's source):
+# one official span2_index points at 'use', the word before its pronoun 'it'; the other's
+# pronoun carries the quote and comma after it. T5's outputs, with ' X ' -> ' *it* '.
+WSC_ODD = [
+    ('When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the '
+     'magic pebble in an iron safe . Some day they might want to use it , but really for now, '
+     'what more could they wish for?', 'use', 'it',
+     'When they had eventually calmed down a bit , and had gotten home, Mr. Farley put the '
+     'magic pebble in an iron safe . Some day they might want to use *it* , but really for now, '
+     'what more could they wish for?'),
+    ('The boy continued to whip the pony , and eventually the pony threw him over. John laughed '
+     'out quite loud. "Good for him," he said. ', 'him,"', 'him',
+     'The boy continued to whip the pony , and eventually the pony threw him over. John laughed '
+     'out quite loud. "Good for *him* ," he said.'),
+]
+
+
+@pytest.mark.parametrize('text,indexed_word,pronoun,t5', WSC_ODD, ids=['off_by_one', 'quote'])
+def test_wsc_records_t5_special_cases_become_t5s_text(text, indexed_word, pronoun, t5):
+  index = text.split(' ').index(indexed_word)
+  record = {'text': text, 'idx': 0, 'label': True,
+            'target': {'span1_text': 'the pony', 'span1_index': 0, 'span2_text': pronoun,
+                       'span2_index': index}}
+  [example] = sg.format_example('wsc', record, 'validation')
+  assert example['inputs'].rstrip() == 'wsc: ' + t5
+
+
+def test_wsc_trains_on_correct_referents_and_scores_the_named_referent():
+  record = dict(RECORDS['wsc'][0])  # label False: Mark is not 'his'
+  assert sg.format_example('wsc', record, 'train') == []
+  assert len(sg.format_example('wsc', dict(record, label=True), 'train')) == 1
+  [example] = sg.format_example('wsc', record, 'validation')
+  assert example['label'] == 0
+  postprocess = sg.postprocess_for('wsc')
+  ex = {'targets_pretokenized': b'Mark', 'label': 0, 'group': 5, 'idx': 5}
+  # T5's wsc_simple postprocessor: 1 when the prediction names span1, else 0; empty -1.
+  assert [postprocess(p, example=ex) for p in (b'Mark', b'the mark', b'Pete', b'', b"Mark's")
+          ] == [1, 1, 0, -1, 0]
+  assert postprocess(b'Mark', example=ex, is_target=True)['label'] == 0
+  assert sg.names_referent('fuzzy bunny', 'the bunny') == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +188,26 @@ def test_multirc_exact_match_groups_answers_by_question():
   metrics = sg.multirc_metrics(targets, [1, 0, 0])
   assert metrics['em'] == pytest.approx(50.0)
   assert metrics['f1a'] == pytest.approx(100 * 2 / 3)
+
+
+def test_a_prediction_outside_the_labels_is_wrong_in_f1_and_matthews():
+  """T5's f1_score_with_invalid: an invalid prediction becomes the opposite of its target, so
+  it is an error (a false negative or a false positive), never a silent 'False'."""
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 2, 300)
+  predictions = rng.integers(0, 2, 300)
+  predictions[rng.random(300) < 0.1] = -1  # 10% invalid, as a weak model decodes them
+  as_t5 = np.where(predictions == -1, 1 - labels, predictions)
+  targets = [{'label': int(t), 'group': i // 3, 'idx': i} for i, t in enumerate(labels)]
+  multirc = sg.multirc_metrics(targets, list(predictions))
+  assert multirc['f1a'] == pytest.approx(100 * sklearn.metrics.f1_score(labels, as_t5))
+  as_false = np.where(predictions == -1, 0, predictions)
+  assert multirc['f1a'] < 100 * sklearn.metrics.f1_score(labels, as_false)
+  axb = sg.metrics_for('axb')(targets, list(predictions))
+  assert axb['matthews_corr'] == pytest.approx(
+      100 * sklearn.metrics.matthews_corrcoef(labels, as_t5))
+  assert sg.multirc_metrics([{'label': 1, 'group': 0}, {'label': 0, 'group': 0}],
+                            [-1, -1]) == {'f1a': 0.0, 'em': 0.0}
 
 
 def test_record_takes_the_max_over_answers():
@@ -217,8 +295,8 @@ def test_eval_cli_writes_a_well_formed_table(tmp_path):
   assert report['superglue_average'] == pytest.approx(
       np.mean([r['score'] for r in report['results']]))
   table = (tmp_path / 'eval' / 'results.md').read_text()
-  assert '| task | examples | method | metrics | score |' in table
-  assert '| cb | 20 | rank |' in table and '**average** (2 tasks)' in table
+  assert '| task | split | examples | method | metrics | score |' in table
+  assert '| cb | validation | 20 | rank |' in table and '**average** (2 tasks)' in table
   # Few-shot and decoding run through the same path.
   results, _ = eval_script.main([
       '--checkpoint', str(tmp_path / 'model'), '--tasks', 'rte', '--method', 'decode',
@@ -270,3 +348,252 @@ def test_eval_and_infer_leave_the_accelerators_to_jax():
   proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# The training mixture
+# ---------------------------------------------------------------------------------------------
+
+def test_mixture_rates_are_t5s_example_counts_of_the_registered_data(tmp_path):
+  """T5's SUPER_GLUE_WEIGHT_MAPPING counts training examples after preprocessing: MultiRC
+  answers, ReCoRD one per answer, WSC only the records whose referent is right; read from the
+  data given to register_superglue, not from the default directory."""
+  import shutil
+  for folder in ('CB', 'COPA', 'RTE'):
+    shutil.copytree(os.path.join(sg.BUNDLED_DIR, folder), tmp_path / folder)
+  def write(folder, records):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / 'train.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+  answers = lambda k: [{'text': f'a{i}', 'label': i % 2, 'idx': i} for i in range(k)]
+  write('MultiRC', [{'idx': p, 'passage': {'text': 'P.', 'questions': [
+      {'question': 'Q?', 'idx': q, 'answers': answers(2 + p)} for q in range(2)]}}
+      for p in range(2)])  # 2 + 2 + 3 + 3 answers
+  wsc = RECORDS['wsc'][0]
+  write('WSC', [dict(wsc, label=True), dict(wsc, label=False), dict(wsc, label=True)])
+  write('ReCoRD', [{'idx': 0, 'passage': {'text': 'Ann met Bob.', 'entities': [
+      {'start': 0, 'end': 2}, {'start': 8, 'end': 10}]}, 'qas': [
+      {'query': '@placeholder met Bob.', 'idx': 0, 'answers': [
+          {'start': 0, 'end': 2, 'text': 'Ann'}, {'start': 0, 'end': 2, 'text': 'Ann'}]},
+      {'query': 'Ann met @placeholder.', 'idx': 1, 'answers': [
+          {'start': 8, 'end': 10, 'text': 'Bob'}]}]}])
+  sg.register_superglue(str(tmp_path), prefix='sg_rates', exclude=('boolq', 'wic'))
+  mixture = seqio.get_mixture_or_task('sg_rates')
+  rates = {t.name.split('_', 2)[2]: mixture.get_rate(t) for t in mixture.tasks}
+  assert rates == {'cb': 250, 'copa': 400, 'multirc': 10, 'record': 3, 'rte': 500, 'wsc': 2}
+
+  # Without the exclusion, BoolQ's missing file is named, with how to supply or drop it.
+  sg.register_superglue(str(tmp_path), prefix='sg_missing')
+  mixture = seqio.get_mixture_or_task('sg_missing')
+  with pytest.raises(FileNotFoundError, match=r'boolq has no training file .*BoolQ/train.jsonl'
+                     r'.*UL2_SUPERGLUE_DIR.*exclude=\(\'boolq\',\)'):
+    [mixture.get_rate(t) for t in mixture.tasks]
+  for name in ('sg_rates', 'sg_missing'):
+    seqio.MixtureRegistry.remove(name)
+    for task in sg.FILES:
+      seqio.TaskRegistry.remove(f'{name}_{task}')
+
+
+def test_superglue_docstring_examples():
+  import doctest
+  result = doctest.testmod(sg)
+  assert result.attempted >= 8 and result.failed == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: failures, prediction and leaderboard files
+# ---------------------------------------------------------------------------------------------
+
+def official_copy(tmp_path, tasks=('CB', 'COPA', 'RTE'), rows=12):
+  """The bundled official files, cut to `rows` lines per split."""
+  for folder in tasks:
+    os.makedirs(tmp_path / folder)
+    for name in os.listdir(os.path.join(sg.BUNDLED_DIR, folder)):
+      lines = open(os.path.join(sg.BUNDLED_DIR, folder, name)).read().splitlines()[:rows]
+      (tmp_path / folder / name).write_text('\n'.join(lines) + '\n')
+  return tmp_path
+
+
+def test_one_failing_task_keeps_the_others_results(tmp_path):
+  data_dir = official_copy(tmp_path / 'data')
+  broken = [json.loads(line) for line in (data_dir / 'RTE' / 'val.jsonl').read_text().splitlines()]
+  del broken[3]['premise']
+  (data_dir / 'RTE' / 'val.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in broken))
+  train_setup.run(str(tmp_path / 'model'), steps=1, checkpoint_every=1)
+  with pytest.raises(SystemExit) as exit_info:
+    eval_script.main(['--checkpoint', str(tmp_path / 'model'), '--tasks', 'cb,rte,boolq',
+                      '--data_dir', str(data_dir), '--inputs_length', '256',
+                      '--targets_length', '8', '--batch_size', '12',
+                      '--output', str(tmp_path / 'eval')])
+  message = str(exit_info.value)
+  assert message.startswith('error: 2 task(s) failed')
+  assert f"rte: SuperGLUE data: {data_dir / 'RTE' / 'val.jsonl'}:4: this rte record has no " \
+         "field 'premise'" in message
+  assert f"boolq: SuperGLUE data: boolq validation: {data_dir / 'BoolQ' / 'val.jsonl'} not " \
+         'found' in message and '--data_dir' in message
+  report = json.loads((tmp_path / 'eval' / 'results.json').read_text())
+  assert [r['task'] for r in report['results']] == ['cb'] and report['results'][0]['examples'] == 12
+  assert set(report['failed']) == {'rte', 'boolq'}
+  table = (tmp_path / 'eval' / 'results.md').read_text()
+  assert 'split validation' in table and '| rte | failed |' in table
+  assert '| cb | validation | 12 | rank |' in table
+
+
+def test_test_split_writes_leaderboard_files_and_predictions(tmp_path):
+  data_dir = official_copy(tmp_path / 'data')
+  for folder in ('CB', 'COPA', 'RTE'):  # test files as released: the records without labels
+    records = [json.loads(line) for line in (data_dir / folder / 'val.jsonl').read_text()
+               .splitlines()]
+    (data_dir / folder / 'test.jsonl').write_text(''.join(
+        json.dumps({k: v for k, v in r.items() if k != 'label'}) + '\n' for r in records))
+  for folder, record in (('AX-b', {'sentence1': 'The cat sat.', 'sentence2': 'A cat sat.'}),
+                         ('AX-g', {'premise': 'The nurse said she was tired.',
+                                   'hypothesis': 'The nurse was tired.'})):
+    os.makedirs(data_dir / folder)
+    (data_dir / folder / f'{folder}.jsonl').write_text(''.join(
+        json.dumps({**record, 'idx': i, 'label': 'entailment'}) + '\n' for i in range(4)))
+  train_setup.run(str(tmp_path / 'model'), steps=1, checkpoint_every=1)
+  eval_script.main(['--checkpoint', str(tmp_path / 'model'), '--tasks', 'cb,copa,rte',
+                    '--split', 'test', '--data_dir', str(data_dir), '--inputs_length', '256',
+                    '--targets_length', '8', '--batch_size', '12', '--predictions',
+                    '--output', str(tmp_path / 'eval'),
+                    '--submission', str(tmp_path / 'submission')])
+  # The server's files: <Task>.jsonl, one row per test record, its idx and a label word.
+  expected = {'CB.jsonl': sg.LABELS['cb'], 'COPA.jsonl': (0, 1), 'RTE.jsonl': sg.LABELS['rte'],
+              'AX-b.jsonl': sg.LABELS['axb'], 'AX-g.jsonl': sg.LABELS['axg']}
+  assert sorted(os.listdir(tmp_path / 'submission')) == sorted(expected)
+  import zipfile
+  assert sorted(zipfile.ZipFile(tmp_path / 'submission.zip').namelist()) == sorted(expected)
+  for name, labels in expected.items():
+    rows = [json.loads(line) for line in (tmp_path / 'submission' / name).read_text().splitlines()]
+    folder = name[:-len('.jsonl')]
+    source = (data_dir / folder / ('test.jsonl' if folder not in ('AX-b', 'AX-g') else name))
+    assert [r['idx'] for r in rows] == [json.loads(line)['idx']
+                                        for line in source.read_text().splitlines()], name
+    assert all(set(r) == {'idx', 'label'} and r['label'] in labels for r in rows), name
+  predictions = [json.loads(line) for line in
+                 (tmp_path / 'eval' / 'predictions' / 'cb.jsonl').read_text().splitlines()]
+  assert len(predictions) == 12 and set(predictions[0]) == {'idx', 'input', 'prediction',
+                                                             'target'}
+  assert predictions[0]['input'].startswith('[NLU] cb hypothesis:')
+  assert all(p['prediction'] in sg.LABELS['cb'] for p in predictions)  # rank: always a label
+
+
+def test_the_mixture_fine_tunes_with_per_task_metrics_and_eval_follows_its_selection(tmp_path):
+  """Fine-tuning on a SuperGLUE mixture ([S2S] mode token): each task evaluated on one pass of
+  its validation split, per-task TensorBoard tags apart from the token accuracy, the best kept
+  by the average; eval.py --best and infer.py then use the run's mode and method."""
+  import tensorflow as tf
+  data_dir = official_copy(tmp_path / 'data', rows=16)
+  sg.register_superglue(str(data_dir), mode='[S2S]', prefix='mix',
+                        exclude=('boolq', 'multirc', 'record', 'wic', 'wsc'))
+  train_setup.run(str(tmp_path / 'pretrained'), steps=2, checkpoint_every=2)
+  result = T.train(
+      model=TINY, data=data_lib.DataConfig('mix', {'inputs': 256, 'targets': 8}, batch_size=16),
+      run=T.TrainConfig(str(tmp_path / 'finetuned'), steps=6, log_every=3, progress_bar=False,
+                        eval_every=3, eval_batches=1, metrics_every=3, keep_best='average',
+                        init_from=str(tmp_path / 'pretrained')),
+      optimizer=T.OptimizerConfig(schedule='constant', learning_rate=0.01, warmup_steps=0),
+      log=lambda _: None)
+  last = result.metrics_history[-1]
+  assert set(last) == {'step', 'mix_cb/accuracy', 'mix_cb/f1_macro', 'mix_copa/accuracy',
+                       'mix_rte/accuracy', 'average'}
+  assert last['average'] == pytest.approx(np.mean([
+      (last['mix_cb/accuracy'] + last['mix_cb/f1_macro']) / 2, last['mix_copa/accuracy'],
+      last['mix_rte/accuracy']]))
+  best = json.loads((tmp_path / 'finetuned' / 'best.json').read_text())
+  assert best['metric'] == 'average' and best['selection'] == {'method': 'decode',
+                                                               'mode': '[S2S]'}
+  tags = {}
+  for path in glob.glob(str(tmp_path / 'finetuned' / 'validation' / 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        tags.setdefault(value.tag, []).append(event.step)
+  assert tags['accuracy'] == [3, 6]  # token accuracy (0-1) of the validation loss
+  assert tags['mix_cb/accuracy'] == [3, 6] and tags['mix/average'] == [3, 6]
+
+  results, _ = eval_script.main([
+      '--checkpoint', str(tmp_path / 'finetuned'), '--best', '--tasks', 'cb',
+      '--data_dir', str(data_dir), '--inputs_length', '256', '--targets_length', '8',
+      '--max_examples', '4', '--batch_size', '4', '--output', str(tmp_path / 'eval')])
+  report = json.loads((tmp_path / 'eval' / 'results.json').read_text())
+  assert results[0]['method'] == 'decode' and report['mode'] == '[S2S]'
+  best_dir = str(tmp_path / 'finetuned' / 'best')
+  score = lambda *mode: infer_script.main(['--checkpoint', best_dir, '--input', 'Hi',
+                                           '--score', 'entailment', *mode], out=io.StringIO())
+  assert score() == score('--mode', '[S2S]') != score('--mode', '')
+
+
+# ---------------------------------------------------------------------------------------------
+# The prompted protocol
+# ---------------------------------------------------------------------------------------------
+
+def test_prompted_candidates_line_up_with_the_labels():
+  """Candidate i is label i of the task, so a chosen index is the metric's prediction."""
+  for task, (record, _, _) in RECORDS.items():
+    [p] = sg.prompted_examples(task, record)
+    label = sg._label(task, record['label'])
+    assert p.target['label'] == p.answer == sg.LABELS[task].index(label), task
+    assert p.prompt.endswith(('Answer:', 'because', 'so')), task
+  [cb] = sg.prompted_examples('cb', RECORDS['cb'][0])
+  assert cb.prompt == 'It rained. Question: It was wet. True, False, or Neither? Answer:'
+  assert cb.candidates == ('True', 'False', 'Neither') and cb.answer_text() == 'True'
+  record = {'idx': 9, 'passage': {'text': 'Ann met Bob.\n@highlight\nA meeting', 'entities': [
+      {'start': 0, 'end': 2}, {'start': 8, 'end': 10}]}, 'qas': [
+      {'query': '@placeholder was happy.', 'idx': 4, 'answers': [
+          {'start': 8, 'end': 10, 'text': 'Bob'}]}]}
+  [rec] = sg.prompted_examples('record', record)
+  assert rec.prompt == 'Ann met Bob. A meeting'
+  assert rec.candidates == ('Ann was happy.', 'Bob was happy.')
+  assert rec.answer_text() == 'Bob was happy.'
+  assert sg.prompted_prediction('record', rec, 1) == 'Bob'
+
+
+def test_rank_continuations_picks_the_most_likely_candidate(tmp_path):
+  """Against `decoding.score` on every (input, candidate) pair separately: different numbers
+  of candidates per example, summed or per-token log-likelihood, a shot and a mode token."""
+  params = network.init_params(TINY, jax.random.key(1))
+  model = network.Transformer(TINY)
+  vocab = vocabulary.get_vocabulary()
+  prompts = ['The sky is', 'Two plus two is', 'Paris is in']
+  candidates = [('blue', 'green today', 'a very long and unlikely answer'), ('four', 'five'),
+                ('France', 'Spain', 'Italy', 'the middle of nowhere')]
+  shots = [('Grass is', 'green')]
+  for normalized in (False, True):
+    chosen = evaluation.rank_continuations(
+        model, params, prompts, candidates, inputs_length=32, shots=shots, mode='[S2S]',
+        batch_size=2, length_normalized=normalized)
+    for prompt, cands, picked in zip(prompts, candidates, chosen):
+      inputs = evaluation.few_shot_inputs(vocab, f'[S2S] {prompt}', shots, 32)
+      expected = []
+      for c in cands:
+        target = vocab.encode(c) + [1]
+        value = float(decoding.score(model, params, jnp.asarray([inputs]),
+                                     jnp.asarray([target]))[0])
+        expected.append(value / len(target) if normalized else value)
+      assert picked == int(np.argmax(expected)), (prompt, normalized, expected)
+
+
+def test_eval_cli_runs_the_prompted_protocol_zero_and_few_shot(tmp_path):
+  train_setup.run(str(tmp_path / 'model'), steps=1, checkpoint_every=1)
+  for shots in ('0', '2'):
+    results, average = eval_script.main([
+        '--checkpoint', str(tmp_path / 'model'), '--tasks', 'cb,copa', '--protocol',
+        'prompted', '--few_shot', shots, '--length_normalized', '--inputs_length', '256',
+        '--max_examples', '8', '--batch_size', '8', '--output', str(tmp_path / f'e{shots}'),
+        '--predictions'])
+    assert [r['method'] for r in results] == ['prompted, per token'] * 2
+    assert results[0]['examples'] == 8 and set(results[0]['metrics']) == {'accuracy',
+                                                                          'f1_macro'}
+    report = json.loads((tmp_path / f'e{shots}' / 'results.json').read_text())
+    assert report['mode'] == '[S2S]'
+    rows = [json.loads(line) for line in
+            (tmp_path / f'e{shots}' / 'predictions' / 'copa.jsonl').read_text().splitlines()]
+    assert rows[0]['input'].endswith(('because', 'so'))
+    assert all(r['prediction'] in ('choice1', 'choice2') for r in rows)
+
+
+def test_the_readme_lists_every_prompt():
+  readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             'README.md')).read()
+  for task, (prompt, candidates) in sg.PROMPTS.items():
+    assert f'| {task} | `{prompt}` | {candidates} |' in readme, task

@@ -638,21 +638,31 @@ def _sync(name: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 def read_best(model_dir: str) -> dict | None:
-  """best.json: {'step', 'metric', 'value', 'metrics'} of `best/`, or None."""
+  """best.json: {'step', 'metric', 'value', 'metrics', 'selection'} of `best/`, or None.
+
+  `model_dir` may also be the `best/` folder itself."""
+  model_dir = str(model_dir).rstrip('/')
+  if posixpath.basename(model_dir) == BEST:
+    model_dir = parent(model_dir)
   path = join(model_dir, BEST_JSON)
-  if exists(path):
-    with open_file(path) as f:
-      return json.load(f)
-  return None
+  if not exists(path):
+    return None
+  with open_file(path) as f:
+    return json.load(f)
 
 
 def save_best(model_dir: str, step: int, metric: str, metrics: Mapping[str, float],
-              params: Any, config: network.Config) -> dict:
-  """Writes `params` to model_dir/best/ and their metrics to best.json; returns the record."""
+              params: Any, config: network.Config,
+              selection: Mapping[str, str] | None = None) -> dict:
+  """Writes `params` to model_dir/best/ and their metrics to best.json; returns the record.
+
+  `selection`: how the metrics were computed, {'method': 'decode', 'mode': '[NLU]'}: what
+  evaluating the best parameters should default to."""
   path = _orbax_path(join(model_dir, BEST))
   ocp.PyTreeCheckpointer().save(path, {'params': network.unstack_layers(params, config)},
                                 force=True)
-  best = {'step': step, 'metric': metric, 'value': metrics[metric], 'metrics': dict(metrics)}
+  best = {'step': step, 'metric': metric, 'value': metrics[metric], 'metrics': dict(metrics),
+          'selection': dict(selection or {})}
   if jax.process_index() == 0:
     _write_text(join(model_dir, BEST_JSON), json.dumps(best, indent=1))
   return best

@@ -28,6 +28,9 @@ class Result:
   examples: int
   method: str
   predictions: list[Any]
+  mode: str = ''  # the mode token the task's inputs start with ('' for none)
+  # Per evaluated example: its idx, input text, target text (for prediction files).
+  records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def _text(value) -> str:
@@ -118,10 +121,89 @@ def evaluate(model: network.Transformer, params: Any, task_name: str, *,
   metrics = {}
   for fn in task.metric_fns:
     metrics.update(fn(targets, predictions))
-  return Result(task_name, metrics, len(examples), method, predictions)
+  mode = vocabulary.split_mode(_text(examples[0]['inputs_pretokenized']))[0]
+  records = [{'idx': int(ex['idx']) if 'idx' in ex else i,
+              **({'group': int(ex['group'])} if 'group' in ex else {}),
+              'input': _text(ex['inputs_pretokenized']),
+              'target': _text(ex['targets_pretokenized'])} for i, ex in enumerate(examples)]
+  return Result(task_name, metrics, len(examples), method, predictions, mode or '', records)
+
+
+def evaluate_during_training(model: network.Transformer, params: Any, name: str, *,
+                             feature_lengths: Mapping[str, int], split: str = 'validation',
+                             max_examples: int | None = None) -> tuple[dict[str, float], str]:
+  """(metrics, mode) of a task or a mixture by greedy decoding, one finite pass each.
+
+  A task's metrics keep their names, plus 'average' (`task_score`). A mixture evaluates every
+  sub-task that has metric functions and the split, names each metric '<task>/<metric>', and
+  adds 'average': the mean of the sub-tasks' scores (the SuperGLUE score for `superglue`).
+  For example (numbers from a CPU quickstart model):
+
+      evaluate_during_training(model, params, 'superglue_cb', feature_lengths=lengths)
+      -> ({'accuracy': 66.1, 'f1_macro': 45.9, 'average': 56.0}, '[NLU]')
+      evaluate_during_training(model, params, 'superglue', feature_lengths=lengths)
+      -> ({'superglue_cb/accuracy': 66.1, ..., 'superglue_rte/accuracy': 52.7,
+           'average': 55.4}, '[NLU]')
+  """
+  import seqio
+
+  target = seqio.get_mixture_or_task(name)
+  if isinstance(target, seqio.Mixture):
+    subtasks = [t for t in target.tasks if t.metric_fns and split in t.splits]
+    if not subtasks:
+      raise ValueError(f'Mixture {name} has no task with metrics and a {split!r} split.')
+  else:
+    subtasks = [target]
+  metrics, scores, mode = {}, [], ''
+  for task in subtasks:
+    result = evaluate(model, params, task.name, feature_lengths=feature_lengths, split=split,
+                      method='decode', max_examples=max_examples)
+    mode = mode or result.mode
+    scores.append(task_score(result.metrics))
+    if task is target:
+      metrics.update(result.metrics)
+    else:
+      metrics.update({f'{task.name}/{k}': v for k, v in result.metrics.items()})
+  metrics['average'] = float(np.mean(scores))
+  return metrics, mode
 
 
 def task_score(metrics: Mapping[str, float]) -> float:
   """One number per task, as the SuperGLUE leaderboard averages it: the mean of the task's
   metrics (CB: accuracy and macro-F1; MultiRC: F1a and EM; ReCoRD: F1 and EM)."""
   return float(np.mean(list(metrics.values())))
+
+
+def rank_continuations(model: network.Transformer, params: Any, prompts: Sequence[str],
+                       candidates: Sequence[Sequence[str]], *, inputs_length: int,
+                       shots: Sequence[tuple[str, str]] = (), mode: str = '',
+                       batch_size: int = 32, length_normalized: bool = False) -> list[int]:
+  """For each prompt, the index of its most likely candidate continuation (the prompted
+  protocol: zero-shot, or k-shot with `shots`, (prompt, answer) pairs written before it).
+
+  Each input is `mode shot_1 answer_1 ... prompt` (`few_shot_inputs`: the oldest shots are
+  cut first when it is too long); each candidate is scored as the target, EOS included, by
+  its summed log-likelihood, or its mean per token with `length_normalized`. Examples may have
+  different numbers of candidates (ReCoRD's entities).
+  """
+  vocab = vocabulary.get_vocabulary()
+  inputs = [few_shot_inputs(vocab, vocabulary.with_mode(p, mode), shots, inputs_length)
+            for p in prompts]
+  encoded = [[vocab.encode(c) + [network.EOS_ID] for c in cands] for cands in candidates]
+  count = max(len(c) for c in encoded)  # one compiled shape for the whole task
+  length = max(len(ids) for cands in encoded for ids in cands)
+  width = max(len(r) for r in inputs)
+  chosen = []
+  for start in range(0, len(inputs), batch_size):
+    rows = list(range(start, min(start + batch_size, len(inputs))))
+    padded = rows + [rows[-1]] * (batch_size - len(rows))
+    cands = np.stack([_pad(encoded[i] + [encoded[i][0]] * (count - len(encoded[i])), length)
+                      for i in padded])  # [batch, C, Lt]; padding candidates are masked below
+    scores, _ = decoding.rank_classification(model, params, jnp.asarray(_pad(
+        [inputs[i] for i in padded], width)), jnp.asarray(cands))
+    scores = np.asarray(scores)
+    if length_normalized:
+      scores = scores / np.maximum((cands > 0).sum(-1), 1)
+    for row, i in enumerate(rows):
+      chosen.append(int(np.argmax(scores[row, :len(encoded[i])])))
+  return chosen

@@ -414,10 +414,10 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
       if inputs.validation and _due(done, run.eval_every, run.steps):
         records.validation(done, _validate(compiled, state.params, inputs.validation))
       if run.metrics_every and data.eval_split and _due(done, run.metrics_every, run.steps):
-        task_metrics = _task_metrics(compiled.model, state.params, data, run)
-        records.task_metrics(done, task_metrics)
+        task_metrics, mode = _task_metrics(compiled.model, state.params, data, run)
+        records.task_metrics(done, data.task, task_metrics)
         if run.keep_best:
-          best = _keep_best(run, done, task_metrics, state.params, model, best)
+          best = _keep_best(run, done, task_metrics, state.params, model, best, mode)
       if inputs.pipeline is not None and (_due(done, run.checkpoint_every, run.steps) or stop):
         _check_finite_loss(records.persist(done), checkpoints)
         checkpoints.save(done, state, inputs.pipeline)
@@ -559,22 +559,25 @@ def _validate(compiled: CompiledRun, params: Any,
 
 
 def _task_metrics(net: network.Transformer, params: Any, data: data_lib.DataConfig,
-                  run: TrainConfig) -> dict[str, float]:
+                  run: TrainConfig) -> tuple[dict[str, float], str]:
   from ul2 import evaluation
-  return evaluation.evaluate(net, params, data.task, feature_lengths=data.feature_lengths,
-                             split=data.eval_split, method='decode',
-                             max_examples=run.metrics_examples).metrics
+  return evaluation.evaluate_during_training(
+      net, params, data.task, feature_lengths=data.feature_lengths, split=data.eval_split,
+      max_examples=run.metrics_examples)
 
 
 def _keep_best(run: TrainConfig, step: int, metrics: Mapping[str, float], params: Any,
-               model: network.Config, best: dict | None) -> dict | None:
-  """Saves the parameters as the best when `run.keep_best` improved; returns the best."""
+               model: network.Config, best: dict | None, mode: str) -> dict | None:
+  """Saves the parameters as the best when `run.keep_best` improved; returns the best. The
+  record says how they were selected (greedy decoding) and the mode token the task's inputs
+  carry, which eval.py and infer.py then default to."""
   if run.keep_best not in metrics:
     raise ValueError(f'TrainConfig.keep_best={run.keep_best!r} is not one of the task\'s '
                      f'metrics {sorted(metrics)}.')
   if best is not None and metrics[run.keep_best] <= best['value']:
     return best
-  return checkpoints_lib.save_best(run.model_dir, step, run.keep_best, metrics, params, model)
+  return checkpoints_lib.save_best(run.model_dir, step, run.keep_best, metrics, params, model,
+                                   {'method': 'decode', 'mode': mode})
 
 
 class _Records:
@@ -645,9 +648,12 @@ class _Records:
     self.log(f'step {step}: validation loss {result["loss"]:.4f}, accuracy '
              f'{result["accuracy"]:.3f}')
 
-  def task_metrics(self, step: int, metrics: dict[str, float]) -> None:
+  def task_metrics(self, step: int, task: str, metrics: dict[str, float]) -> None:
+    """Task metrics under their own tags, '<task>/<metric>' (the validation loss and token
+    accuracy keep 'loss' and 'accuracy')."""
     self.metrics_history.append({'step': step, **metrics})
-    self._write('validation', step, metrics)
+    self._write('validation', step, {k if '/' in k else f'{task}/{k}': v
+                                     for k, v in metrics.items()})
     self.log(f'step {step}: ' + ', '.join(f'{k} {v:.2f}' for k, v in metrics.items()))
 
   def _write(self, split: str, step: int, values: Mapping[str, float | None]) -> None:
