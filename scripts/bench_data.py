@@ -15,7 +15,8 @@ raw corpus tokens/s, and the MoD/span-corruption ratios measured in this same ru
 
 from __future__ import annotations
 
-import argparse
+from typing import TYPE_CHECKING
+
 import json
 import os
 import time
@@ -23,14 +24,16 @@ import time
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
-import seqio  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import gin_cli  # noqa: E402
 
-import tasks  # noqa: E402,F401
+if TYPE_CHECKING:  # annotations only: --help must not load TensorFlow
+  import seqio
+  import tensorflow as tf
 
 
 def cached_blocks(task: seqio.Task) -> tf.data.Dataset:
   """The task's pre-cache output (token blocks), materialised once, repeated forever."""
+  import tensorflow as tf
   ds = task.preprocess_precache(task.source.get_dataset('train', shuffle=False), seed=0)
   blocks = [ex['targets'] for ex in ds.as_numpy_iterator()]
   return tf.data.Dataset.from_tensor_slices(
@@ -39,6 +42,7 @@ def cached_blocks(task: seqio.Task) -> tf.data.Dataset:
 
 def measure(task_name: str, path: str, lengths: dict[str, int], rows: int, warmup: int,
             batch_size: int) -> dict[str, float]:
+  import seqio
   task = seqio.get_mixture_or_task(task_name)
   if path == 'text':
     ds = task.get_dataset(lengths, split='train', shuffle=True, seed=0, num_epochs=None)
@@ -63,17 +67,23 @@ def measure(task_name: str, path: str, lengths: dict[str, int], rows: int, warmu
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--rows', type=int, default=3000)
-  parser.add_argument('--warmup', type=int, default=256)
-  parser.add_argument('--batch_size', type=int, default=32)
-  parser.add_argument('--inputs_length', type=int, default=512)
-  parser.add_argument('--targets_length', type=int, default=512)
+  parser = gin_cli.argument_parser(__doc__)
+  parser.add_argument('--rows', type=int, default=3000, help='packed rows timed per run')
+  parser.add_argument('--warmup', type=int, default=256, help='untimed examples first')
+  parser.add_argument('--batch_size', type=int, default=32, help='rows per batch')
+  parser.add_argument('--inputs_length', type=int, default=512, help='input tokens per row')
+  parser.add_argument('--targets_length', type=int, default=512, help='target tokens per row')
   parser.add_argument('--repeats', type=int, default=2, help='alternating runs per task')
-  parser.add_argument('--json', action='store_true')
+  parser.add_argument('--json', action='store_true', help='print the report as JSON')
+  parser.add_argument('--task', default='ul2_mod_gutenberg', help='the task measured')
+  parser.add_argument('--baseline', default='t5_span_corruption_gutenberg',
+                      help='the task it is compared with, in the same run')
+  gin_cli.add_module_flag(parser)
   args = parser.parse_args()
+  import ul2_tasks  # noqa: F401  (registers the tasks; after --help, which needs no TensorFlow)
+  gin_cli.import_modules(args.module)
   lengths = {'inputs': args.inputs_length, 'targets': args.targets_length}
-  names = {'mod': 'ul2_mod_gutenberg', 'span_corruption': 't5_span_corruption_gutenberg'}
+  names = {'mod': args.task, 'span_corruption': args.baseline}
   report = {'lengths': lengths, 'cpu_count': os.cpu_count()}
   print(f'packed {lengths["inputs"]}/{lengths["targets"]}, {os.cpu_count()} CPUs, best of '
         f'{args.repeats}, {args.rows} rows each')
@@ -104,4 +114,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  gin_cli.exit_on_user_error(main)

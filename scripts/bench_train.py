@@ -20,7 +20,6 @@ accelerator image that has only JAX; without it the batches are real packed MoD 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -42,17 +41,19 @@ from ul2 import train as train_lib
 def parse_args(argv=None):
   """The benchmark's flags; `--gin.NAME=VALUE` bindings (T5X's convention) go to the model."""
   _, bindings, rest = gin_cli.split_argv(sys.argv[1:] if argv is None else argv)
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p = gin_cli.argument_parser(__doc__, gin_flags=True)
   p.add_argument('--model', default='ul2_cpu', help='a gin_configs/models/*.gin name or path')
-  p.add_argument('--batch_size', type=int, default=8)
-  p.add_argument('--inputs_length', type=int, default=128)
-  p.add_argument('--targets_length', type=int, default=128)
-  p.add_argument('--dtypes', default='float32,bfloat16')
+  p.add_argument('--batch_size', type=int, default=8, help='global batch')
+  p.add_argument('--inputs_length', type=int, default=128, help='input tokens per row')
+  p.add_argument('--targets_length', type=int, default=128, help='target tokens per row')
+  p.add_argument('--dtypes', default='float32,bfloat16',
+                 help='activation dtypes to measure, comma-separated')
   p.add_argument('--steps', type=int, default=10, help='timed steps per measurement')
   p.add_argument('--warmup', type=int, default=3, help='untimed steps (compilation) first')
   p.add_argument('--synthetic', action='store_true', help='random tokens; no TF or seqio')
   p.add_argument('--no_torch', action='store_true', help='skip the PyTorch peer')
-  p.add_argument('--model_parallel', type=int, default=1)
+  p.add_argument('--model_parallel', type=int, default=1,
+                 help="the mesh's model axis (the rest is data parallel)")
   p.add_argument('--peak_flops', type=float, default=None,
                  help='peak FLOP/s per device for MFU (default: known accelerators)')
   p.add_argument('--json', default=None, help='also write the results to this file')
@@ -81,7 +82,7 @@ def make_batches(args, vocab_size: int, count: int) -> list[dict[str, np.ndarray
                                           .astype(np.int32),
                   'decoder_loss_weights': np.ones_like(targets, np.float32)})
     return out
-  import tasks  # noqa: F401  (TensorFlow and seqio: only without --synthetic)
+  import ul2_tasks  # noqa: F401  (TensorFlow and seqio: only without --synthetic)
   data = data_lib.DataConfig('ul2_mod_gutenberg', {'inputs': args.inputs_length,
                                                    'targets': args.targets_length},
                              batch_size=args.batch_size, pack=False)

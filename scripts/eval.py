@@ -18,7 +18,6 @@ A task that fails (a missing file, a bad record) is listed in the table; the oth
 are written, and the exit status is non-zero.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -43,14 +42,17 @@ def results_table(results, average, failed=()) -> str:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--checkpoint', required=True)
+  parser = gin_cli.argument_parser(__doc__)
+  parser.add_argument('--checkpoint', required=True,
+                      help='a model_dir, checkpoints/<step>, an HF or a T5X directory')
   parser.add_argument('--best', action='store_true', help='use MODEL_DIR/best/ (fine-tuning)')
-  parser.add_argument('--gin_file', action='append', default=[])
+  parser.add_argument('--gin_file', action='append', default=[],
+                      help='models/<size>.gin when the checkpoint has no config')
   parser.add_argument('--ignore_extra_params', action='store_true',
                       help='drop checkpoint entries the model config does not have')
   parser.add_argument('--tasks', default='cb,copa,rte', help='comma-separated SuperGLUE tasks')
-  parser.add_argument('--split', default='validation')
+  parser.add_argument('--split', default='validation',
+                      help='train, validation or test (AX-b/AX-g: always test)')
   parser.add_argument('--method', choices=('auto', 'decode', 'rank'), default=None,
                       help='default: how the fine-tuning run selected its best parameters '
                       '(best.json), else auto')
@@ -67,10 +69,13 @@ def main(argv=None):
                       help=f"one of {', '.join(vocabulary.MODE_TOKENS)} or '' (none); default: "
                       f'the fine-tuning run\'s (best.json), else {vocabulary.NLU}')
   parser.add_argument('--data_dir', default=None, help='official SuperGLUE jsonl folders')
-  parser.add_argument('--inputs_length', type=int, default=512)
-  parser.add_argument('--targets_length', type=int, default=16)
-  parser.add_argument('--batch_size', type=int, default=32)
-  parser.add_argument('--max_examples', type=int, default=None)
+  gin_cli.add_module_flag(parser)
+  parser.add_argument('--inputs_length', type=int, default=512, help='input tokens')
+  parser.add_argument('--targets_length', type=int, default=16,
+                      help='decoded tokens at most')
+  parser.add_argument('--batch_size', type=int, default=32, help='examples per batch')
+  parser.add_argument('--max_examples', type=int, default=None,
+                      help='evaluate the first N examples of each task (default: all)')
   parser.add_argument('--output', default=None, help='folder for results.md and results.json')
   parser.add_argument('--predictions', action='store_true',
                       help='also write OUTPUT/predictions/<task>.jsonl: idx, input, '
@@ -85,7 +90,8 @@ def main(argv=None):
     parser.error('--submission needs --split test (the leaderboard scores the test set)')
   data.hide_accelerators_from_tensorflow()  # the model runs on the accelerators
 
-  from tasks import superglue
+  from ul2_tasks import superglue
+  gin_cli.import_modules(args.module)
   from ul2 import checkpoints, evaluation
   checkpoint = (checkpoints.join(args.checkpoint, checkpoints.BEST) if args.best
                 else args.checkpoint)
@@ -162,7 +168,9 @@ def main(argv=None):
       json.dump({'checkpoint': checkpoint, 'mode': mode, 'split': args.split,
                  'results': results, 'failed': dict(failed), 'superglue_average': average},
                 f, indent=1)
-    print(f'Wrote {args.output}/results.md and results.json')
+    if results:
+      plot_results(results, average, os.path.join(args.output, 'results.png'))
+    print(f'Wrote {args.output}/results.md, results.json and results.png')
     if args.predictions:
       folder = os.path.join(args.output, 'predictions')
       os.makedirs(folder, exist_ok=True)
@@ -204,6 +212,22 @@ def evaluate_prompted(model, params, task, split, args, mode, superglue, evaluat
   return evaluation.Result(task, metrics, len(examples), method, predictions, mode, records)
 
 
+def plot_results(results, average, path) -> None:
+  """results.png: each task's score (the mean of its metrics) and the average."""
+  import matplotlib
+  matplotlib.use('Agg')  # files only
+  import matplotlib.pyplot as plt
+  names = [r['task'] for r in results] + ['average']
+  scores = [r['score'] for r in results] + [average]
+  fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names)), 3.5))
+  bars = ax.bar(names, scores, color=['tab:blue'] * len(results) + ['tab:orange'])
+  ax.bar_label(bars, fmt='%.1f')
+  ax.set(ylim=(0, 100), ylabel='score', title=f'SuperGLUE ({results[0]["split"]})')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def one_line(error: BaseException) -> str:
   """The user's line of an error, also when TensorFlow wrapped it in an iterator error."""
   text = str(error)
@@ -233,4 +257,4 @@ def write_submission(folder, outputs, superglue) -> str:
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  gin_cli.exit_on_user_error(main, sys.argv[1:])

@@ -9,7 +9,6 @@ The model config comes from the model_dir's model_config.json (written by traini
 model.safetensors, generation_config.json and the SentencePiece tokenizer files.
 """
 
-import argparse
 import os
 import sys
 
@@ -20,9 +19,10 @@ from ul2 import checkpoints, interop  # noqa: E402
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--checkpoint', required=True)
-  parser.add_argument('--output', required=True)
+  parser = gin_cli.argument_parser(__doc__)
+  parser.add_argument('--checkpoint', required=True,
+                      help='a model_dir, its best/, checkpoints/<step> or a T5X directory')
+  parser.add_argument('--output', required=True, help='the HF model directory to write')
   parser.add_argument('--gin_file', action='append', default=[],
                       help='model gin file, when the checkpoint has no model_config.json')
   parser.add_argument('--ignore_extra_params', action='store_true',
@@ -43,4 +43,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  gin_cli.exit_on_user_error(main, sys.argv[1:])

@@ -24,7 +24,6 @@ The T5X model gin must describe the same network (t5_1_1 with the matching size;
 gated SiLU, `network.T5Config.mlp_activations = ('silu', 'linear')`).
 """
 
-import argparse
 import os
 import sys
 
@@ -35,11 +34,14 @@ from ul2 import checkpoints, interop  # noqa: E402
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--checkpoint', required=True)
+  parser = gin_cli.argument_parser(__doc__)
+  parser.add_argument('--checkpoint', required=True,
+                      help='a model_dir, its best/, checkpoints/<step> or an HF directory')
   parser.add_argument('--output', required=True, help='the T5X model directory to write')
-  parser.add_argument('--layout', choices=('tensorstore', 'orbax'), default='tensorstore')
-  parser.add_argument('--gin_file', action='append', default=[])
+  parser.add_argument('--layout', choices=('tensorstore', 'orbax'), default='tensorstore',
+                      help="T5X's checkpoint layout: its Checkpointer's or its Orbax manager's")
+  parser.add_argument('--gin_file', action='append', default=[],
+                      help='models/<size>.gin when the checkpoint has no config')
   parser.add_argument('--ignore_extra_params', action='store_true',
                       help="drop checkpoint entries the model config does not have")
   parser.add_argument('--overwrite', action='store_true',
@@ -59,4 +61,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main(sys.argv[1:])
+  gin_cli.exit_on_user_error(main, sys.argv[1:])

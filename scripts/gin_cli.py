@@ -8,7 +8,13 @@ The library (`ul2/`) never imports gin. Gin files use `dynamic_registration`, so
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import importlib
 import os
+import re
+import sys
+import tempfile
 from typing import Any, Sequence
 
 import gin
@@ -17,8 +23,33 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_DIR = os.path.join(REPO, 'gin_configs')
 
 
-def parse(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
-  """Parses gin files (paths, or relative to `gin_configs/`) and `NAME=VALUE` bindings."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                     argparse.ArgumentDefaultsHelpFormatter):
+  """The whole docstring as written (its examples), and every flag's default."""
+
+
+GIN_FLAGS_HELP = (
+    "gin (T5X's flags): --gin_file=F (repeatable; a path, or relative to gin_configs/) and "
+    '--gin.NAME=VALUE (a macro, e.g. --gin.TRAIN_STEPS=1000, or a parameter, e.g. '
+    '--gin.train.TrainConfig.log_every=50). A macro no gin file uses is an error.')
+
+
+def argument_parser(doc: str, gin_flags: bool = False) -> argparse.ArgumentParser:
+  """A script's parser: `--help` prints its whole docstring and every flag with its default
+  (and, with `gin_flags`, how to pass gin files and bindings)."""
+  return argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter,
+                                 epilog=GIN_FLAGS_HELP if gin_flags else None)
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str] = (),
+          read_by_script: Sequence[str] = ()) -> None:
+  """Parses gin files (paths, or relative to `gin_configs/`) and `NAME=VALUE` bindings.
+
+  A mistake is one line naming it (SystemExit): a macro binding that nothing uses (a typo
+  such as `--gin.TRAIN_STEP=70` would otherwise be ignored) with the closest macro in use, a
+  required macro left unset, an unknown configurable or parameter. `read_by_script`: macros
+  the script reads itself (`macro()`) besides those the gin files use.
+  """
   gin.clear_config()
   # Resolve `include 'runs/pretrain.gin'` in gin_configs/ first. Gin's own order tries the
   # working directory, then a Python package of that name, and a directory such as runs/ in
@@ -34,8 +65,113 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> None:
     if not os.path.exists(path):
       raise FileNotFoundError(f'gin file {path!r} not found, neither as given nor under '
                               f'{GIN_DIR}; pass e.g. --gin_file=models/tiny.gin')
-    resolved.append(path)
-  gin.parse_config_files_and_bindings(resolved, list(bindings))
+    resolved.append(path if os.path.dirname(os.path.abspath(path)) == GIN_DIR
+                    or os.path.abspath(path).startswith(GIN_DIR + os.sep) else _with_imports(path))
+  try:
+    gin.parse_config_files_and_bindings(resolved, list(bindings))
+  except (ValueError, NameError, AttributeError, ImportError) as e:
+    message = _explain(e, bindings)
+    for original, copy in zip(gin_files, resolved):
+      message = message.replace(copy, original)
+    raise SystemExit(f'error: gin: {message}') from None
+  _check_macro_bindings(bindings, read_by_script)
+
+
+# What run gin files bind (`train.TrainConfig.log_every = 50`): a user's gin file may use them
+# without importing them (and without `from __gin__ import dynamic_registration`).
+PROJECT_MODULES = ('data', 'network', 'partitioning', 'train')
+
+
+def _with_imports(path: str) -> str:
+  """`path`, or a copy of it with the `from ul2 import <module>` lines its bindings need.
+
+  >>> import tempfile; f = tempfile.NamedTemporaryFile('w', suffix='.gin', delete=False)
+  >>> _ = f.write("include 'quickstart.gin'\\ntrain.TrainConfig.log_every = 7\\n"); f.close()
+  >>> print(open(_with_imports(f.name)).read())
+  from __gin__ import dynamic_registration
+  from ul2 import train
+  include 'quickstart.gin'
+  train.TrainConfig.log_every = 7
+  <BLANKLINE>
+  """
+  with open(path, encoding='utf-8') as f:
+    text = f.read()
+  missing = [m for m in PROJECT_MODULES
+             if re.search(rf'(^|@)\s*{m}\.[A-Za-z_]', text, re.M)
+             and not re.search(rf'^\s*from\s+ul2\s+import\s+.*\b{m}\b', text, re.M)]
+  if not missing:
+    return path
+  lines = text.splitlines(keepends=True)
+  registration = [i for i, line in enumerate(lines) if 'dynamic_registration' in line]
+  at = registration[0] + 1 if registration else 0
+  added = ([] if registration else ['from __gin__ import dynamic_registration\n']) + [
+      f'from ul2 import {m}\n' for m in missing]
+  copy = os.path.join(tempfile.mkdtemp(prefix='ul2_gin_'), os.path.basename(path))
+  with open(copy, 'w', encoding='utf-8') as f:
+    f.write(''.join(lines[:at] + added + lines[at:]))
+  return copy
+
+
+def import_modules(names: Sequence[str]) -> None:
+  """Imports modules that register seqio tasks (`--module`, T5X's MIXTURE_OR_TASK_MODULE),
+  looked up on PYTHONPATH and in the working directory."""
+  if os.getcwd() not in sys.path:
+    sys.path.append(os.getcwd())
+  for name in names:
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise SystemExit(f'error: --module {name}: cannot import it ({e}); put the folder that '
+                       'holds it on PYTHONPATH or run from there.') from None
+
+
+def add_module_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--module', action='append', default=[], metavar='NAME',
+                      help='import this module first: it registers your seqio tasks '
+                      '(repeatable; like T5X\'s MIXTURE_OR_TASK_MODULE)')
+
+
+def _explain(error: Exception, bindings: Sequence[str]) -> str:
+  """gin's message in one line; for a required macro left unset, the flag that sets it and a
+  near-miss binding the user may have meant."""
+  text = ' '.join(str(error).strip().split('\n')[:2]) if isinstance(error, NameError) \
+      else str(error).strip().splitlines()[0]
+  required = re.match(r'(\w+)/macro\.value set to `%gin\.REQUIRED`', text)
+  if not required:
+    return text
+  name = required.group(1)
+  given = [b.split('=', 1)[0].strip() for b in bindings]
+  close = difflib.get_close_matches(name, given, n=1)
+  return (f'the macro {name} is required: pass --gin.{name}=...'
+          + (f' (you set {close[0]}: a typo?)' if close else ''))
+
+
+def _macro_references(value: Any, out: set[str]) -> set[str]:
+  if isinstance(value, gin.config.ConfigurableReference):
+    if value.scoped_selector.endswith('/gin.macro'):
+      out.add(value.scoped_selector.split('/')[0])
+  elif isinstance(value, dict):
+    for v in value.values():
+      _macro_references(v, out)
+  elif isinstance(value, (list, tuple)):
+    for v in value:
+      _macro_references(v, out)
+  return out
+
+
+def _check_macro_bindings(bindings: Sequence[str], read_by_script: Sequence[str]) -> None:
+  used = set(read_by_script)
+  for params in gin.config._CONFIG.values():  # pylint: disable=protected-access
+    for value in params.values():
+      _macro_references(value, used)
+  for binding in bindings:
+    name = binding.split('=', 1)[0].strip()
+    if '.' in name or '/' in name or name in used:  # a parameter (gin checks those) or in use
+      continue
+    close = difflib.get_close_matches(name, sorted(used), n=1)
+    raise SystemExit(f'error: gin: --gin.{binding}: no gin file uses the macro {name}'
+                     + (f'; did you mean {close[0]}?' if close else
+                        f'; the macros in use are {", ".join(sorted(used))}.'))
 
 
 def macro(name: str) -> Any:
@@ -50,12 +186,38 @@ def macro(name: str) -> Any:
   return value
 
 
+def exit_on_user_error(main, *args):
+  """Runs a script's `main`: a mistake in what the user gave (a ValueError or a missing file,
+  also raised inside a TensorFlow input pipeline) ends in one line `error: ...` and exit
+  status 1. UL2_TRACEBACK=1 shows the traceback instead."""
+  try:
+    return main(*args)
+  except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+    if os.environ.get('UL2_TRACEBACK'):
+      raise
+    raise SystemExit(f'error: {str(e).strip().splitlines()[0]}') from None
+  except Exception as e:  # TensorFlow wraps what a data generator raised into an OpError
+    reason = re.search(r'(ValueError|FileNotFoundError): (.+)', str(e))
+    if os.environ.get('UL2_TRACEBACK') or type(e).__module__.split('.')[0] != 'tensorflow' \
+        or not reason:
+      raise
+    raise SystemExit(f'error: {reason.group(2).strip()}') from None
+
+
+def has_macro(name: str) -> bool:
+  try:
+    gin.query_parameter(f'%{name}')
+    return True
+  except ValueError:
+    return False
+
+
 def model_config(gin_files: Sequence[str], bindings: Sequence[str] = ()):
   """The `network.Config` that model gin files (`models/<size>.gin`) set as MODEL_CONFIG, or
   None without files: the checkpoint's own config is used then."""
   if not gin_files:
     return None
-  parse(gin_files, bindings)
+  parse(gin_files, bindings, read_by_script=('MODEL_CONFIG',))
   return macro('MODEL_CONFIG')
 
 

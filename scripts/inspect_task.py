@@ -10,7 +10,8 @@ text (`inputs_text`, `targets_text`). The statistics then go to standard error.
 
 from __future__ import annotations
 
-import argparse
+from typing import TYPE_CHECKING
+
 import collections
 import json
 import os
@@ -19,14 +20,17 @@ import sys
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')  # the data pipeline never needs a GPU
 
-import seqio  # noqa: E402
+import gin_cli  # noqa: E402
 
-import tasks  # noqa: E402,F401  (registers the tasks)
-from tasks import pretrain  # noqa: E402
-from ul2 import denoisers, vocabulary  # noqa: E402
+if TYPE_CHECKING:  # annotations only: --help must not load TensorFlow
+  import seqio
+  from ul2 import denoisers
+
+GUTENBERG_DIR_ENV = 'UL2_GUTENBERG_DIR'  # ul2_tasks.pretrain's (read without importing seqio)
 
 
 def mixture_of(task: seqio.Task) -> denoisers.MixtureConfig | None:
+  from ul2 import denoisers
   for p in task.preprocessors:
     if isinstance(p, denoisers.MixtureOfDenoisers):
       return p.config
@@ -34,29 +38,35 @@ def mixture_of(task: seqio.Task) -> denoisers.MixtureConfig | None:
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = gin_cli.argument_parser(__doc__)
   parser.add_argument('--task', required=True, help='a registered seqio task or mixture')
-  parser.add_argument('--split', default='train')
-  parser.add_argument('--num_examples', type=int, default=5)
+  parser.add_argument('--split', default='train', help='the split to read')
+  parser.add_argument('--num_examples', type=int, default=5, help='examples to show')
   parser.add_argument('--json', action='store_true', help='one JSON object per example')
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--inputs_length', type=int, default=512)
-  parser.add_argument('--targets_length', type=int, default=512)
+  parser.add_argument('--seed', type=int, default=0, help="the denoisers' seed")
+  parser.add_argument('--inputs_length', type=int, default=512, help='input feature length')
+  parser.add_argument('--targets_length', type=int, default=512, help='target feature length')
+  gin_cli.add_module_flag(parser)
   parser.add_argument('--gutenberg_dir', default=None,
                       help='directory of gutenberg_{train,validation}_*.txt (default: '
-                           f'${pretrain.GUTENBERG_DIR_ENV} or the bundled sample)')
+                           f'${GUTENBERG_DIR_ENV} or the bundled sample)')
   return parser.parse_args(argv)
 
 
 def main(argv=None, out=sys.stdout, err=sys.stderr):
   args = parse_args(argv)
+  import seqio
+  import ul2_tasks  # noqa: F401  (registers the tasks)
+  from ul2_tasks import pretrain
+  from ul2 import denoisers, vocabulary
+  gin_cli.import_modules(args.module)
   if args.gutenberg_dir:
     pretrain.register_gutenberg(args.gutenberg_dir)
+  from ul2 import data
   try:
-    task = seqio.get_mixture_or_task(args.task)
-  except ValueError:
-    names = sorted(seqio.TaskRegistry.names())
-    raise SystemExit(f'Unknown task {args.task!r}. Registered tasks: {", ".join(names)}')
+    task = data.check_task(args.task)
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f'error: {e}') from None
   mixture = mixture_of(task) if isinstance(task, seqio.Task) else None
   vocab = task.output_features['targets'].vocabulary
   special = {v: k for k, v in (mixture.mode_token_ids or {}).items()} if mixture else {}
@@ -107,4 +117,4 @@ def main(argv=None, out=sys.stdout, err=sys.stderr):
 
 
 if __name__ == '__main__':
-  main()
+  gin_cli.exit_on_user_error(main)

@@ -14,7 +14,6 @@ same command and reads its own input shard.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -25,16 +24,23 @@ import gin_cli  # noqa: E402
 
 def parse_args(argv):
   gin_files, bindings, rest = gin_cli.split_argv(argv)
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = gin_cli.argument_parser(__doc__, gin_flags=True)
+  parser.add_argument('--gin_file', action='append', metavar='F',
+                      help='a gin file (repeatable): gin_configs/quickstart.gin, a '
+                      'models/*.gin with a runs/*.gin, or your own')
+  gin_cli.add_module_flag(parser)
   parser.add_argument('--multiprocess', action='store_true',
                       help='call jax.distributed.initialize() (auto-detected cluster)')
-  parser.add_argument('--coordinator_address', default=os.environ.get('UL2_COORDINATOR_ADDRESS'))
+  parser.add_argument('--coordinator_address', default=os.environ.get('UL2_COORDINATOR_ADDRESS'),
+                      help='HOST:PORT of process 0 (env UL2_COORDINATOR_ADDRESS)')
   parser.add_argument('--num_processes', type=int,
                       default=int(os.environ['UL2_NUM_PROCESSES'])
-                      if 'UL2_NUM_PROCESSES' in os.environ else None)
+                      if 'UL2_NUM_PROCESSES' in os.environ else None,
+                      help='processes in the job (env UL2_NUM_PROCESSES)')
   parser.add_argument('--process_id', type=int,
                       default=int(os.environ['UL2_PROCESS_ID'])
-                      if 'UL2_PROCESS_ID' in os.environ else None)
+                      if 'UL2_PROCESS_ID' in os.environ else None,
+                      help="this process's index (env UL2_PROCESS_ID)")
   args = parser.parse_args(rest)
   if not gin_files:
     parser.error('give at least one --gin_file (e.g. --gin_file=quickstart.gin)')
@@ -70,7 +76,10 @@ def main(argv=None):
   from ul2 import checkpoints
   from ul2 import train as train_lib
 
-  gin_cli.parse(gin_files, bindings)
+  gin_cli.import_modules(args.module)
+  gin_cli.parse(gin_files, bindings, read_by_script=('MIXTURE_OR_TASK_MODULE',))
+  if gin_cli.has_macro('MIXTURE_OR_TASK_MODULE'):  # T5X's way to name the tasks' module
+    gin_cli.import_modules([gin_cli.macro('MIXTURE_OR_TASK_MODULE')])
   model_dir = gin_cli.macro('MODEL_DIR')
   given_config = gin.config_str()
   # Written once the run has started: a run that fails to start leaves an existing run's
@@ -89,4 +98,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  gin_cli.exit_on_user_error(main)

@@ -17,7 +17,7 @@ Corpora registered on import:
 
 Registering your own corpus takes one call (documents are concatenated, so short ones are fine):
 
-    from tasks import pretrain
+    from ul2_tasks import pretrain
     pretrain.register_corpus('mybooks', pretrain.text_files_source(
         train='/data/books/train-*.txt', validation='/data/books/valid-*.txt'))
     pretrain.register_corpus('mynews', pretrain.jsonl_source(
@@ -80,10 +80,31 @@ def preprocessors(mixture: denoisers.MixtureConfig, text_key: str = 'text') -> l
 
 
 def _lines_as_documents(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  """TextLineDataSource yields bare lines; every other source yields feature dicts."""
+  """TextLineDataSource yields bare lines; every other source yields feature dicts. Lines
+  that are not UTF-8 (allowed by `text_files_source(errors='replace')`) get U+FFFD."""
   if isinstance(dataset.element_spec, dict):
     return dataset
-  return dataset.map(lambda line: {'text': line}, num_parallel_calls=tf.data.AUTOTUNE)
+  return dataset.map(
+      lambda line: {'text': tf.strings.unicode_transcode(line, 'UTF-8', 'UTF-8',
+                                                        errors='replace')},
+      num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _check_text_key(name: str, source: seqio.DataSource, text_key: str) -> None:
+  """The source must give `text_key`: one line naming the features it has otherwise (a
+  TFDS source is not opened here: it may not be prepared yet)."""
+  if isinstance(source, seqio.TfdsDataSource):
+    return
+  if isinstance(source, seqio.TextLineDataSource):
+    features = ['text']
+  else:
+    spec = source.get_dataset(split=source.splits[0], shuffle=False).element_spec
+    features = sorted(spec) if isinstance(spec, dict) else ['text']
+  if text_key not in features:
+    raise ValueError(
+        f'register_corpus({name!r}, text_key={text_key!r}): the source gives {features}, no '
+        f'{text_key!r}. jsonl_source and hf_disk_source take the field name themselves: '
+        f'jsonl_source(..., text_key={text_key!r}) and register_corpus without text_key.')
 
 
 def register_corpus(name: str, source: seqio.DataSource, text_key: str = 'text',
@@ -91,8 +112,11 @@ def register_corpus(name: str, source: seqio.DataSource, text_key: str = 'text',
                     vocab: seqio.Vocabulary | None = None) -> list[str]:
   """Registers `<objective>_<name>` for each objective; replaces earlier registrations.
 
-  Returns the task names.
+  Returns the task names. `text_key`: the feature of `source` that holds the document text
+  ('text' for `text_files_source`, `jsonl_source` and `hf_disk_source`, which take the
+  field or column name themselves).
   """
+  _check_text_key(name, source, text_key)
   names = []
   for objective, mixture in (objectives or OBJECTIVES).items():
     task_name = f'{objective}_{name}'
@@ -115,17 +139,40 @@ def _check_pattern(pattern: str, what: str) -> str:
   return pattern
 
 
-def text_files_source(train: str, validation: str | None = None) -> seqio.DataSource:
-  """Plain text files, one document per line (`text` feature). Patterns may be globs."""
+def text_files_source(train: str, validation: str | None = None,
+                      errors: str = 'strict') -> seqio.DataSource:
+  """Plain text files, one document per line (`text` feature). Patterns may be globs.
+
+  `errors='strict'`: every file is checked to be UTF-8 here (a file that is not is one error
+  naming it and the line); 'replace': bytes that are not UTF-8 become U+FFFD.
+  """
   splits = {'train': _check_pattern(train, 'train')}
   if validation:
     splits['validation'] = _check_pattern(validation, 'validation')
+  if errors not in ('strict', 'replace'):
+    raise ValueError(f"text_files_source(errors={errors!r}): 'strict' or 'replace'.")
+  if errors == 'strict':
+    for pattern in splits.values():
+      for path in sorted(glob.glob(pattern)):
+        _check_utf8(path)
   return seqio.TextLineDataSource(splits)
 
 
+def _check_utf8(path: str) -> None:
+  with open(path, 'rb') as f:
+    for line_number, line in enumerate(f, 1):
+      try:
+        line.decode('utf-8')
+      except UnicodeDecodeError as e:
+        raise ValueError(f'{path}:{line_number}: not UTF-8 ({e.reason} at byte {e.start} of '
+                         "the line). Convert the file (e.g. iconv -f latin1 -t utf-8) or pass "
+                         "errors='replace' to the source.") from None
+
+
 def jsonl_source(train: str, validation: str | None = None,
-                 text_key: str = 'text') -> seqio.DataSource:
-  """JSON-lines files, one document per line with its text under `text_key`."""
+                 text_key: str = 'text', errors: str = 'strict') -> seqio.DataSource:
+  """JSON-lines files, one document per line with its text under `text_key`; `errors` as
+  `text_files_source`'s (a line that is not UTF-8 is an error naming it, or 'replace')."""
   splits = {'train': _check_pattern(train, 'train')}
   if validation:
     splits['validation'] = _check_pattern(validation, 'validation')
@@ -135,8 +182,13 @@ def jsonl_source(train: str, validation: str | None = None,
 
     def rows():
       for path in files:
-        with open(path, encoding='utf-8') as f:
-          for line_number, line in enumerate(f, 1):
+        with open(path, 'rb') as f:
+          for line_number, raw in enumerate(f, 1):
+            try:
+              line = raw.decode('utf-8', errors)
+            except UnicodeDecodeError as e:
+              raise ValueError(f'{path}:{line_number}: not UTF-8 ({e.reason}); convert the '
+                               "file or pass errors='replace' to jsonl_source.") from None
             if not line.strip():
               continue
             try:

@@ -7,7 +7,7 @@ import pytest
 import seqio
 
 import train_setup
-from tasks import pretrain
+from ul2_tasks import pretrain
 from ul2 import data as data_lib
 from ul2 import denoisers as D
 from ul2 import vocabulary

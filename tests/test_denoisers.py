@@ -10,8 +10,8 @@ import scipy.stats
 import seqio
 import tensorflow as tf
 
-import tasks  # noqa: F401  (registers the tasks)
-from tasks import pretrain
+import ul2_tasks  # noqa: F401  (registers the tasks)
+from ul2_tasks import pretrain
 from ul2 import denoisers as D
 from ul2 import vocabulary as V
 

@@ -41,11 +41,13 @@ def test_wheel_installs_with_the_bundled_data(tmp_path):
   # Run away from the checkout with the installed copy first on the path: the editable
   # install's finder comes after PYTHONPATH, so this imports and reads only the wheel's files.
   code = '\n'.join([
-      'import ul2, tasks, seqio',
+      'import tasks',  # a user's own tasks.py (T5X's convention) beside the project's
+      'import ul2, ul2_tasks, seqio',
       'from ul2 import vocabulary',
-      'from tasks import pretrain, superglue',
+      'from ul2_tasks import pretrain, superglue',
+      'assert tasks.MINE and ul2_tasks.__file__.startswith(site)',
       f'site = {str(site)!r}',
-      'for path in (ul2.__file__, tasks.__file__, vocabulary.SPM_PATH,',
+      'for path in (ul2.__file__, ul2_tasks.__file__, vocabulary.SPM_PATH,',
       '             pretrain.BUNDLED_GUTENBERG_DIR, superglue.BUNDLED_DIR):',
       '  assert path.startswith(site), path',
       'print(vocabulary.get_vocabulary().encode("[NLU]"))',
@@ -55,6 +57,8 @@ def test_wheel_installs_with_the_bundled_data(tmp_path):
       '                                                   shuffle=False)',
       '  print(name, len(list(ds.take(3))))',
   ])
+  (tmp_path / 'tasks.py').write_text('import ul2_tasks  # registers the project\'s tasks\n'
+                                     'MINE = True\n')
   env = {**os.environ, 'PYTHONPATH': str(site), 'TF_CPP_MIN_LOG_LEVEL': '3'}
   run = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=600)

@@ -16,7 +16,7 @@ import sklearn.metrics
 import eval as eval_script
 import infer as infer_script
 import train_setup
-from tasks import superglue as sg
+from ul2_tasks import superglue as sg
 from train_setup import T, TINY
 from ul2 import checkpoints, decoding, evaluation, network, vocabulary
 from ul2 import data as data_lib
@@ -295,6 +295,7 @@ def test_eval_cli_writes_a_well_formed_table(tmp_path):
   assert report['superglue_average'] == pytest.approx(
       np.mean([r['score'] for r in report['results']]))
   table = (tmp_path / 'eval' / 'results.md').read_text()
+  assert (tmp_path / 'eval' / 'results.png').read_bytes()[:4] == b'\x89PNG'
   assert '| task | split | examples | method | metrics | score |' in table
   assert '| cb | validation | 20 | rank |' in table and '**average** (2 tasks)' in table
   # Few-shot and decoding run through the same path.
@@ -597,3 +598,43 @@ def test_the_readme_lists_every_prompt():
                              'README.md')).read()
   for task, (prompt, candidates) in sg.PROMPTS.items():
     assert f'| {task} | `{prompt}` | {candidates} |' in readme, task
+
+
+def test_infer_cli_over_files_equals_one_input_at_a_time(tmp_path):
+  """A batched file run (a last batch padded with copies) gives each input what a one-input
+  run gives it; scoring a jsonl file likewise; bad files are one-line errors."""
+  train_setup.run(str(tmp_path / 'model'), steps=1, checkpoint_every=1)
+  checkpoint = str(tmp_path / 'model')
+  texts = ['It was a dark and', 'Hello there', 'The cat sat on the', 'Once upon a time',
+           'A B C']
+  (tmp_path / 'in.txt').write_text('\n'.join(texts) + '\n')
+  out = io.StringIO()
+  rows = infer_script.main(['--checkpoint', checkpoint, '--input_file', str(tmp_path / 'in.txt'),
+                            '--output_file', str(tmp_path / 'out.jsonl'), '--batch_size', '2',
+                            '--max_length', '6', '--mode', '[S2S]'], out=out)
+  written = [json.loads(line) for line in (tmp_path / 'out.jsonl').read_text().splitlines()]
+  assert written == rows and [r['input'] for r in rows] == texts
+  assert 'tokens/s' in out.getvalue() and '5 inputs' in out.getvalue()
+  for row in rows:
+    single = infer_script.main(['--checkpoint', checkpoint, '--input', row['input'],
+                                '--max_length', '6', '--mode', '[S2S]'], out=io.StringIO())
+    assert row['output'] == single
+  pairs = [{'input': 'Hello there', 'target': 'General Kenobi'},
+           {'input': 'It was a dark and', 'target': 'stormy night.'}]
+  (tmp_path / 'pairs.jsonl').write_text(''.join(json.dumps(p) + '\n' for p in pairs))
+  scored = infer_script.main(['--checkpoint', checkpoint, '--input_file',
+                              str(tmp_path / 'pairs.jsonl'), '--score_file', '--output_file',
+                              str(tmp_path / 'scores.jsonl')], out=io.StringIO())
+  for pair, row in zip(pairs, scored):
+    single = infer_script.main(['--checkpoint', checkpoint, '--input', pair['input'],
+                                '--score', pair['target']], out=io.StringIO())
+    assert row['log_likelihood'] == pytest.approx(single, abs=1e-3)
+  (tmp_path / 'bad.jsonl').write_text('{"input": "a"}\n{"text": "b"}\n')
+  with pytest.raises(SystemExit, match=r"bad.jsonl:2: no field 'input' \(set --input_key"):
+    infer_script.main(['--checkpoint', checkpoint, '--input_file', str(tmp_path / 'bad.jsonl'),
+                       '--output_file', str(tmp_path / 'x.jsonl')], out=io.StringIO())
+  (tmp_path / 'latin1.txt').write_bytes('caf\xe9\n'.encode('latin-1'))
+  with pytest.raises(SystemExit, match=r'latin1.txt: not UTF-8 text'):
+    infer_script.main(['--checkpoint', checkpoint, '--input_file',
+                       str(tmp_path / 'latin1.txt'), '--output_file', str(tmp_path / 'x.jsonl')],
+                      out=io.StringIO())

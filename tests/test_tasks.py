@@ -12,8 +12,8 @@ import pytest
 import seqio
 
 import inspect_task
-import tasks  # noqa: F401
-from tasks import pretrain
+import ul2_tasks  # noqa: F401
+from ul2_tasks import pretrain
 from ul2 import denoisers as D
 from ul2 import vocabulary as V
 
@@ -161,5 +161,5 @@ def test_inspect_task_text_output_and_unknown_task():
   inspect_task.main(['--task', 'prefix_lm_gutenberg', '--num_examples', '3'], out=out)
   text = out.getvalue()
   assert text.count('--- example') == 3 and '[S2S]' in text and 'S(uniform)' in text
-  with pytest.raises(SystemExit, match="Unknown task 'nope'.*ul2_mod_gutenberg"):
+  with pytest.raises(SystemExit, match="Unknown task or mixture 'nope'.*ul2_mod_gutenberg"):
     inspect_task.main(['--task', 'nope'])

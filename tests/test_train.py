@@ -278,7 +278,7 @@ def test_run_file_lists_its_required_macros():
     gin.get_configurable(data_lib.DataConfig)()
 
 
-def test_train_cli_writes_config_checkpoints_and_logs(tmp_path):
+def test_train_cli_writes_config_checkpoints_and_logs(tmp_path, capsys):
   model_dir = tmp_path / 'cli'
   train_script.main([
       '--gin_file=models/tiny.gin', '--gin_file=runs/pretrain.gin',
@@ -292,6 +292,20 @@ def test_train_cli_writes_config_checkpoints_and_logs(tmp_path):
   assert 'train.TrainConfig' in operative and 'network.Config' in operative
   assert os.listdir(model_dir / 'checkpoints') == ['3']
   assert glob.glob(str(model_dir / 'train' / 'events.out.tfevents.*'))
+  # Output that is no terminal (pytest's capture, a SLURM log) gets plain lines: what is being
+  # done, then step, loss, throughput, learning rate and ETA.
+  out = capsys.readouterr().out
+  assert 'Building the input pipeline of ul2_mod_gutenberg (validation validation)' in out
+  assert 'Compiling the train step and training steps 1-3...' in out
+  import re
+  assert re.search(r'step 3/3: loss \d+\.\d{4}, [\d,]+ tokens/s, learning rate 0\.01, ETA 0s',
+                   out), out
+  rows = [json.loads(line) for line in (model_dir / 'metrics.jsonl').read_text().splitlines()]
+  assert [(r['split'], r['step']) for r in rows] == [('train', 1), ('train', 2), ('train', 3),
+                                                     ('validation', 3)]
+  assert {'loss', 'accuracy', 'learning_rate', 'tokens_per_s'} <= set(rows[0])
+  assert (model_dir / 'metrics.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert f'plotted in {model_dir / "metrics.png"}' in out
   # A run that fails to start (here: a batch the 8 data shards cannot split) leaves the
   # existing run's files as they were.
   with pytest.raises(ValueError, match='Batch size 7 must be divisible'):
@@ -415,10 +429,10 @@ def test_a_signal_checkpoints_the_current_step_and_the_run_resumes_exactly(
   proc = subprocess.Popen(cli_command(stopped_dir, steps), env=cli_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   progress, deadline = b'', time.time() + 300
-  while time.time() < deadline:  # the progress bar (stderr) shows steps being taken
-    chunk = proc.stderr.read1(4096)
+  while time.time() < deadline:  # progress lines (stdout is no terminal) show the steps
+    chunk = proc.stdout.read1(4096)
     progress += chunk
-    done = [int(n) for n in re.findall(rb'\| *(\d+)/%d' % steps, progress)]
+    done = [int(n) for n in re.findall(rb'step (\d+)/%d:' % steps, progress)]
     if (done and max(done) >= 5) or not chunk:
       break
   assert done and 5 <= max(done) < steps, progress[-500:]
@@ -484,10 +498,10 @@ def test_two_processes_stop_at_the_same_step_on_sigterm(tmp_path):
 
   procs = start(400, port)
   progress, deadline, done = b'', time.time() + 300, []
-  while time.time() < deadline:  # the chief's progress bar shows steps being taken
-    chunk = procs[0].stderr.read1(4096)
+  while time.time() < deadline:  # the chief's progress lines show steps being taken
+    chunk = procs[0].stdout.read1(4096)
     progress += chunk
-    done = [int(n) for n in re.findall(rb'\| *(\d+)/400', progress)]
+    done = [int(n) for n in re.findall(rb'step (\d+)/400:', progress)]
     if (done and max(done) >= 5) or not chunk:
       break
   assert done and max(done) >= 5, progress[-500:]
@@ -495,7 +509,8 @@ def test_two_processes_stop_at_the_same_step_on_sigterm(tmp_path):
     p.send_signal(signal.SIGTERM)
   outs = [p.communicate(timeout=300) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
-  stopped = [re.findall(r'Stopped by .* at step (\d+)', out.decode()) for out, _ in outs]
+  stopped = [re.findall(r'Stopped by .* at step (\d+)', out.decode())
+             for out, _ in [(progress + outs[0][0], b''), outs[1]]]
   assert len(stopped[0]) == 1 and stopped[0] == stopped[1], outs
   step = int(stopped[0][0])
   assert max(done) <= step < 400
@@ -511,3 +526,91 @@ def test_two_processes_stop_at_the_same_step_on_sigterm(tmp_path):
   assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
   assert all(f'/checkpoints/{step} (step {step})' in out.decode() for out, _ in outs)
   assert sorted(os.listdir(model_dir / 'checkpoints')) == sorted([str(step), str(step + 2)])
+
+
+def test_gin_mistakes_are_one_line_errors(tmp_path):
+  """A misspelt macro would otherwise be ignored (the run trains the default steps)."""
+  base = ['--gin_file=models/tiny.gin', '--gin_file=runs/pretrain.gin',
+          "--gin.MIXTURE_OR_TASK_NAME='ul2_mod_gutenberg'",
+          "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}",
+          f"--gin.MODEL_DIR='{tmp_path}'"]
+  with pytest.raises(SystemExit, match=r'^error: gin: --gin.BATCH_SIZES=8: no gin file uses '
+                     r'the macro BATCH_SIZES; did you mean BATCH_SIZE\?$'):
+    train_script.main(base + ['--gin.TRAIN_STEPS=3', '--gin.BATCH_SIZES=8'])
+  with pytest.raises(SystemExit, match=r'^error: gin: the macro TRAIN_STEPS is required: pass '
+                     r'--gin.TRAIN_STEPS=... \(you set TRAIN_STEP: a typo\?\)$'):
+    train_script.main(base + ['--gin.TRAIN_STEP=3'])
+  with pytest.raises(SystemExit, match=r"^error: gin: .*log_evry") as error:
+    train_script.main(base + ['--gin.TRAIN_STEPS=3', '--gin.train.TrainConfig.log_evry=1'])
+  assert '\n' not in str(error.value)
+  assert not os.listdir(tmp_path)  # nothing was started
+
+
+def test_a_user_tasks_module_and_gin_file_need_no_project_imports(tmp_path):
+  """T5X's way: a tasks.py of the user's on PYTHONPATH registering a corpus, named by
+  MIXTURE_OR_TASK_MODULE in a gin file that imports nothing; the project's own tasks package
+  (ul2_tasks) is not shadowed; inspect_task sees the task through --module."""
+  from ul2 import vocabulary
+  book = sorted(glob.glob(os.path.join(vocabulary.DATA_DIR, 'gutenberg_sample',
+                                       'gutenberg_validation_*')))[0]
+  (tmp_path / 'tasks.py').write_text(
+      'from ul2_tasks import pretrain\n'
+      f'pretrain.register_corpus("my_books", pretrain.text_files_source({book!r}, {book!r}))\n')
+  (tmp_path / 'my_run.gin').write_text(
+      "include 'models/tiny.gin'\ninclude 'runs/pretrain.gin'\n"
+      "MIXTURE_OR_TASK_MODULE = 'tasks'\nMIXTURE_OR_TASK_NAME = 'ul2_mod_my_books'\n"
+      "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 64}\nTRAIN_STEPS = 2\nBATCH_SIZE = 8\n"
+      f"MODEL_DIR = '{tmp_path / 'run'}'\ntrain.TrainConfig.log_every = 1\n")
+  env = {**cli_env(), 'PYTHONPATH': str(tmp_path)}
+  scripts = os.path.join(os.path.dirname(TESTS), 'scripts')
+  done = subprocess.run([sys.executable, os.path.join(scripts, 'train.py'),
+                         '--gin_file=my_run.gin'], cwd=tmp_path, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'step 2/2: loss' in done.stdout and os.listdir(tmp_path / 'run' / 'checkpoints') == ['2']
+  assert 'log_every = 1' in (tmp_path / 'run' / 'operative_config.gin').read_text()
+  shown = subprocess.run([sys.executable, os.path.join(scripts, 'inspect_task.py'),
+                          '--module', 'tasks', '--task', 'ul2_mod_my_books', '--num_examples',
+                          '2', '--inputs_length', '64', '--targets_length', '64'],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert shown.returncode == 0, shown.stderr[-3000:]
+  assert '[NLU]' in shown.stdout or '[NLG]' in shown.stdout or '[S2S]' in shown.stdout
+  missing = subprocess.run([sys.executable, os.path.join(scripts, 'inspect_task.py'),
+                            '--module', 'no_such_module', '--task', 'x'], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
+  assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1].startswith(
+      "error: --module no_such_module: cannot import it")
+
+
+def test_every_script_has_full_help_without_loading_tensorflow():
+  """`--help`: the whole docstring (its examples) and a help text with a default for every
+  flag, before TensorFlow, seqio or torch are imported (so it comes at once)."""
+  import re
+  scripts = os.path.join(os.path.dirname(TESTS), 'scripts')
+  for name in ('train', 'eval', 'infer', 'inspect_task', 'bench_data', 'bench_train',
+               'export_hf', 'export_t5x'):
+    code = ('import contextlib, io, runpy, sys\n'
+            f'sys.argv = [{name!r}, "--help"]; sys.path.insert(0, {scripts!r})\n'
+            'out = io.StringIO()\n'
+            'try:\n'
+            '  with contextlib.redirect_stdout(out):\n'
+            f'    runpy.run_path({os.path.join(scripts, name + ".py")!r}, run_name="__main__")\n'
+            'except SystemExit:\n  pass\n'
+            'print(out.getvalue())\n'
+            'print("LOADED", [m for m in ("tensorflow", "seqio", "torch") if m in sys.modules])\n')
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          env=cli_env(), timeout=120)
+    text = done.stdout
+    assert 'LOADED []' in text, (name, text[-300:])
+    doc = open(os.path.join(scripts, name + '.py')).read().split('"""')[1]
+    example = next(line for line in doc.splitlines() if 'python scripts/' in line
+                   or 'bash scripts/' in line)
+    assert example.strip().replace('\\\\', '\\') in text, (name, example)
+    options = text[text.index('options:'):].splitlines()[1:]
+    for i, line in enumerate(options):
+      flag = re.match(r'^  (-\w, )?(--[\w.]+)', line)
+      if not flag or flag.group(2) == '--help':
+        continue
+      same_line = re.match(r'^  \S.*?\s{2,}\S', line)
+      next_line = i + 1 < len(options) and options[i + 1].startswith(' ' * 10)
+      assert same_line or next_line, (name, line)

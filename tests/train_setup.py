@@ -4,7 +4,7 @@
 import jax
 import numpy as np
 
-import tasks  # noqa: F401  (registers ul2_mod_gutenberg)
+import ul2_tasks  # noqa: F401  (registers ul2_mod_gutenberg)
 from ul2 import data as data_lib
 from ul2 import network, partitioning
 from ul2 import train as T

@@ -68,8 +68,11 @@ MANIFEST_SUFFIX = '.manifest.json'  # data/<step>/process_<i>.manifest.json
 # ----------------------------------------------------------------------------------------------
 
 def is_url(path: str) -> bool:
-  """>>> is_url('gs://bucket/run'), is_url('runs/quickstart')
-  (True, False)"""
+  """Whether `path` is a URL (scheme://...) rather than a local path.
+
+  >>> is_url('gs://bucket/run'), is_url('runs/quickstart')
+  (True, False)
+  """
   return '://' in str(path)
 
 
@@ -83,8 +86,11 @@ def join(path: str, *parts: str) -> str:
 
 
 def parent(path: str) -> str:
-  """>>> parent('gs://bucket/run/data/3/process_0')
-  'gs://bucket/run/data/3'"""
+  """`os.path.dirname` that leaves a URL a URL.
+
+  >>> parent('gs://bucket/run/data/3/process_0')
+  'gs://bucket/run/data/3'
+  """
   return posixpath.dirname(path) if is_url(path) else os.path.dirname(path)
 
 
@@ -225,7 +231,9 @@ def load(path: str, config: network.Config | None = None, ignore_extra: bool = F
   of refusing.
   """
   if not exists(path):
-    raise FileNotFoundError(f'No checkpoint at {path}.')
+    raise FileNotFoundError(f'No checkpoint at {path}: no such file or directory. Give a '
+                            'model_dir, its checkpoints/<step> or best/, an HF or a T5X '
+                            'checkpoint directory.')
   if interop.is_hf_directory(path):
     params, hf_config = interop.load_hf(path)
     config = config or hf_config

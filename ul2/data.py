@@ -77,16 +77,37 @@ def hide_accelerators_from_tensorflow() -> None:
 
 
 def check_task(name: str):
-  """The registered seqio task or mixture `name`, or one line listing what is registered."""
+  """The registered seqio task or mixture `name`, or one line listing what is registered; a
+  TFDS source that is not prepared is one line saying how to prepare it (seqio would try to
+  download and build it, which for C4 needs Apache Beam and the network)."""
   import seqio
 
   try:
-    return seqio.get_mixture_or_task(name)
+    task = seqio.get_mixture_or_task(name)
   except ValueError:
     known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
     raise ValueError(f'Unknown task or mixture {name!r} (DataConfig.task / '
                      f'MIXTURE_OR_TASK_NAME). Registered: {", ".join(known)}. Import the '
-                     'module that registers it (gin: `import tasks`).') from None
+                     'module that registers it (--module=NAME, or gin: `import NAME`).') from None
+  for sub in (task.tasks if isinstance(task, seqio.Mixture) else [task]):
+    if isinstance(sub.source, seqio.TfdsDataSource):
+      _check_tfds_prepared(sub.name, sub.source)
+  return task
+
+
+def _check_tfds_prepared(task: str, source) -> None:
+  import tensorflow as tf
+
+  loader = source.tfds_dataset
+  data_dir = loader.data_dir or os.environ.get('TFDS_DATA_DIR') or os.path.expanduser(
+      '~/tensorflow_datasets')
+  name, _, version = loader.name.partition(':')
+  prepared = tf.io.gfile.glob(os.path.join(data_dir, name, version or '*', 'dataset_info.json'))
+  if not prepared:
+    raise FileNotFoundError(
+        f'Task {task} reads the TFDS dataset {loader.name}, which is not prepared in '
+        f'{data_dir}: prepare it once (`tfds build {name} --data_dir=DIR`; C4 needs Apache '
+        'Beam and about 800 GB) and set TFDS_DATA_DIR=DIR (or register_c4(data_dir=DIR)).')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,7 +205,7 @@ def _describe(obj: Any, depth: int = 0) -> Any:
     return {'function': describe(obj.func), 'args': describe(obj.args),
             'keywords': describe(obj.keywords)}
   if isinstance(obj, types.FunctionType):
-    name = f'{obj.__module__}.{obj.__qualname__}'
+    name = _qualified(obj.__module__, obj.__qualname__)
     if not obj.__closure__:
       return name
     # Closures carry the settings of factory-made preprocessors and sources (a mode token,
@@ -211,13 +232,25 @@ def _describe(obj: Any, depth: int = 0) -> Any:
   if isinstance(obj, seqio.TfdsDataSource):
     return {'type': _type_name(obj), 'tfds_name': obj.tfds_dataset.name,
             'splits': list(obj.splits)}
-  if type(obj).__module__.split('.')[0] in ('ul2', 'tasks'):  # our preprocessor classes
+  if type(obj).__module__.split('.')[0] in ('ul2', 'ul2_tasks'):  # our preprocessor classes
     return {'type': _type_name(obj), **describe(vars(obj))}
   return _type_name(obj)
 
 
 def _type_name(obj: Any) -> str:
-  return f'{type(obj).__module__}.{type(obj).__qualname__}'
+  return _qualified(type(obj).__module__, type(obj).__qualname__)
+
+
+def _qualified(module: str, qualname: str) -> str:
+  """'module.QualifiedName'; the project's task package under the name layouts were first
+  written with, so runs saved before `tasks` became `ul2_tasks` still resume.
+
+  >>> _qualified('ul2_tasks.pretrain', 'register_corpus.<locals>.read')
+  'tasks.pretrain.register_corpus.<locals>.read'
+  """
+  if module.split('.')[0] == 'ul2_tasks':
+    module = 'tasks' + module[len('ul2_tasks'):]
+  return f'{module}.{qualname}'
 
 
 def _files(patterns: str | Sequence[str]) -> list[list]:

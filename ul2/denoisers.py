@@ -51,6 +51,7 @@ Data flow (seqio preprocessors, in a task's order):
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -262,6 +263,12 @@ def plan_chunks(config: MixtureConfig, feature_lengths: Mapping[str, int],
       if config.exact_mean_span and config.sentinel_overflow != 'cap' and length >= 2:
         length = _exact_mean_span_length(length, d, cap)
         worst = tuple(map(max, zip(*(lengths(n) for n in range(2, length + 1)))))
+        noise, count = span_counts(length, d, cap)
+        if abs(noise / count / d.mean_span_length - 1) > MEAN_SPAN_TOLERANCE:
+          warnings.warn(
+              f'Feature lengths {dict(feature_lengths)} are too short for denoiser {d.name} to '
+              f'keep its mean span of {d.mean_span_length:g}: its {length}-token chunks get '
+              f'spans of {noise / count:.1f} tokens. UL2 uses 512/512.', stacklevel=2)
       spans = max(span_counts(n, d, cap)[1] for n in range(2, length + 1)) if length >= 2 else 0
       if spans > num_sentinels:
         raise ValueError(

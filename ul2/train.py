@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -110,7 +112,10 @@ class TrainConfig:
   init_from_ignore_extra: bool = False  # drop init_from entries the model does not have
   # Peak FLOP/s of one device for MFU; None looks the device kind up in flops.PEAK_FLOPS.
   peak_flops_per_device: float | None = None
-  progress_bar: bool = True
+  # A tqdm bar (True), plain lines every log_every steps (False: step, loss, tokens/s,
+  # learning rate, ETA), or None: the bar on a terminal, lines when output is redirected
+  # (SLURM, nohup, CI).
+  progress_bar: bool | None = None
   # A resumed run restores its input position only into the same input pipeline (task,
   # lengths, batch size, shards, seed...). 'exact': any change is an error; 'restart': keep
   # the restored model and optimizer state and start the changed pipeline from its beginning.
@@ -377,7 +382,7 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
           mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
           devices: Sequence[jax.Device] | None = None,
           batches: Iterator[dict[str, np.ndarray]] | None = None,
-          log: Callable[[str], None] = print,
+          log: Callable[[str], None] | None = None,
           started: Callable[[], None] | None = None) -> TrainResult:
   """Trains (or resumes training) until `run.steps`; returns the state and per-step metrics.
 
@@ -386,9 +391,13 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
   summaries. `started` is called once the run has its state, fresh or restored: what it
   writes into model_dir (the gin config) is then never written by a run that failed to start.
   """
+  log = log or _print
+  say = log if jax.process_index() == 0 else (lambda _: None)
   compiled = compile_run(model, optimizer, run, mesh, devices)
   partitioning.check_batch_size(data.batch_size, compiled.mesh, run.microbatches)
   checkpoints_lib.makedirs(run.model_dir)
+  if batches is None:
+    say(f'Building the input pipeline of {data.task} ({data.eval_split or "no"} validation)...')
   inputs = _Inputs.build(data, run, batches, log)
   checkpoints = checkpoints_lib.Checkpoints(run.model_dir, model, run.keep_checkpoints,
                                             run.async_checkpointing)
@@ -400,11 +409,18 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
   records = _Records(run, model, data, compiled.mesh, start,
                      summaries=inputs.pipeline is not None, log=log)
   best = checkpoints_lib.read_best(run.model_dir)
+  if start < run.steps:
+    say(f'Compiling the train step and training steps {start + 1}-{run.steps}...')
 
   with _StopSignals() as signals, records, checkpoints:
     for step in range(start, run.steps):
-      state, metrics = compiled.train_step(
-          state, partitioning.global_batch(next(inputs.train), compiled.mesh))
+      batch = next(inputs.train, None)
+      if batch is None:
+        raise ValueError(
+            f'The training input ended before step {step + 1}: '
+            + (f"{data.task}'s train split gave no full batch of {data.batch_size} (empty "
+               'corpus files?).' if inputs.pipeline is not None else 'the given batches ran out.'))
+      state, metrics = compiled.train_step(state, partitioning.global_batch(batch, compiled.mesh))
       done = step + 1
       records.add(done, metrics)
       checkpoints.check()  # a failed asynchronous save stops the run at once
@@ -430,8 +446,15 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
   if jax.process_index() == 0 and inputs.pipeline is not None:
     log(f'Checkpoints: {checkpoints.directory}  (steps {checkpoints.all_steps()})')
     log(f'TensorBoard: tensorboard --logdir {checkpoints_lib.absolute(run.model_dir)}')
+    picture = plot_metrics(run.model_dir)
+    if picture:
+      log(f'Metrics: {checkpoints_lib.join(run.model_dir, METRICS_JSONL)}, plotted in {picture}')
   return TrainResult(state, records.history, records.eval_history, run.model_dir, start,
                      records.metrics_history)
+
+
+def _print(line: str) -> None:
+  print(line, flush=True)  # at once also when stdout is a file (SLURM logs, nohup)
 
 
 def _check_finite_loss(entries: Sequence[dict[str, float]],
@@ -604,8 +627,16 @@ class _Records:
     # The last step each split's summaries hold (a resumed run's earlier life).
     self.logged = ({split: _last_logged_step(checkpoints_lib.join(run.model_dir, split))
                     for split in self.writers} if self.writers else {})
-    self.bar = _progress_bar(run, start) if is_chief and run.progress_bar else None
+    bar = run.progress_bar
+    if bar is None:
+      bar = sys.stdout.isatty() and sys.stderr.isatty()
+    self.bar = _progress_bar(run, start) if is_chief and bar else None
+    self.lines = is_chief and not bar  # plain progress lines instead of the bar
     self.log = self.bar.write if self.bar is not None else log
+    self.total_steps, self.start_time = run.steps, time.perf_counter()
+    self.metrics_file = checkpoints_lib.join(run.model_dir, METRICS_JSONL) \
+        if is_chief and summaries else None
+    self.pending_lines: list[str] = []
     self.history, self.eval_history, self.metrics_history = [], [], []
     self.pending = []
     self.last_time, self.last_step = time.perf_counter(), start
@@ -633,14 +664,27 @@ class _Records:
       self.bar.set_postfix(loss=f'{last["loss"]:.3f}', tok_s=f'{last["tokens_per_s"]:,.0f}',
                            refresh=False)
       self.bar.update(step - self.bar.n)
+    if self.lines and entries:
+      last = entries[-1]
+      eta = (self.total_steps - step) * seconds_per_step
+      self.log(f'step {step}/{self.total_steps}: loss {last["loss"]:.4f}, '
+               f'{last["tokens_per_s"]:,.0f} tokens/s, learning rate '
+               f'{last["learning_rate"]:.3g}, ETA {_duration(eta)}')
     return entries
 
   def persist(self, step: int) -> list[dict[str, float]]:
     """Fetches what is pending and writes the summary files out; returns the new entries."""
     entries = self.flush(step) if self.pending else []
+    self._write_out()
+    return entries
+
+  def _write_out(self) -> None:
     for writer in (self.writers or {}).values():
       writer.flush()
-    return entries
+    if self.metrics_file and self.pending_lines:
+      with checkpoints_lib.open_file(self.metrics_file, 'a') as f:
+        f.write(''.join(self.pending_lines))
+      self.pending_lines = []
 
   def validation(self, step: int, result: dict[str, float]) -> None:
     self.eval_history.append({'step': step, **result})
@@ -657,13 +701,15 @@ class _Records:
     self.log(f'step {step}: ' + ', '.join(f'{k} {v:.2f}' for k, v in metrics.items()))
 
   def _write(self, split: str, step: int, values: Mapping[str, float | None]) -> None:
+    """To TensorBoard and metrics.jsonl ({'split', 'step', <tag>: value}, one line each)."""
     if self.writers is None or step <= self.logged.get(split, 0):
       return
     import tensorflow as tf
+    values = {k: v for k, v in values.items() if k != 'step' and v is not None}
     with self.writers[split].as_default(step=step):
       for name, value in values.items():
-        if name != 'step' and value is not None:
-          tf.summary.scalar(name, value)
+        tf.summary.scalar(name, value)
+    self.pending_lines.append(json.dumps({'split': split, 'step': step, **values}) + '\n')
 
   def __enter__(self) -> _Records:
     return self
@@ -671,8 +717,69 @@ class _Records:
   def __exit__(self, *exc) -> None:
     if self.bar is not None:
       self.bar.close()
-    for writer in (self.writers or {}).values():
-      writer.flush()
+    self._write_out()
+
+
+METRICS_JSONL = 'metrics.jsonl'  # model_dir/metrics.jsonl: every value TensorBoard gets
+METRICS_PNG = 'metrics.png'
+
+
+def _duration(seconds: float) -> str:
+  """A duration for an ETA.
+
+  >>> _duration(3725), _duration(42.4), _duration(75)
+  ('1h02m', '42s', '1m15s')
+  """
+  seconds = int(round(seconds))
+  if seconds >= 3600:
+    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
+  if seconds >= 60:
+    return f'{seconds // 60}m{seconds % 60:02d}s'
+  return f'{seconds}s'
+
+
+def plot_metrics(model_dir: str) -> str | None:
+  """Draws model_dir/metrics.png from metrics.jsonl: training and validation loss, and the
+  task metrics of a fine-tuning run (a second panel); returns its path (None: no metrics).
+
+  The file is the record TensorBoard also gets, so the picture needs no TensorBoard.
+  """
+  path = checkpoints_lib.join(model_dir, METRICS_JSONL)
+  if not checkpoints_lib.exists(path):
+    return None
+  with checkpoints_lib.open_file(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+  for row in rows:
+    for name, value in row.items():
+      if name not in ('split', 'step') and isinstance(value, (int, float)):
+        series.setdefault((row['split'], name), []).append((row['step'], value))
+  losses = {k: v for k, v in series.items() if k[1] == 'loss'}
+  tasks = {k: v for k, v in series.items() if k[0] == 'validation' and '/' in k[1]}
+  if not losses:
+    return None
+  import matplotlib
+  matplotlib.use('Agg')  # files only: no display needed
+  import matplotlib.pyplot as plt
+  panels = 2 if tasks else 1
+  fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+  for (split, _), points in sorted(losses.items()):
+    steps, values = zip(*sorted(points))
+    axes[0][0].plot(steps, values, label=f'{split} loss', marker='o' if split != 'train' else None)
+  axes[0][0].set(xlabel='step', ylabel='loss', title=os.path.basename(model_dir.rstrip('/')))
+  axes[0][0].legend()
+  if tasks:
+    for (_, name), points in sorted(tasks.items()):
+      steps, values = zip(*sorted(points))
+      axes[0][1].plot(steps, values, label=name, marker='o')
+    axes[0][1].set(xlabel='step', ylabel='task metric', title='validation')
+    axes[0][1].legend(fontsize='small')
+  fig.tight_layout()
+  out = checkpoints_lib.join(model_dir, METRICS_PNG)
+  with checkpoints_lib.open_file(out, 'wb') as f:
+    fig.savefig(f, format='png', dpi=100)
+  plt.close(fig)
+  return out
 
 
 def _progress_bar(run: TrainConfig, start: int):

@@ -18,7 +18,7 @@ sys.path.insert(0, T5_DIR)
 sys.path.insert(1, __file__.rsplit('/tests/', 1)[0])
 import tensorflow as tf
 from t5.data import preprocessors as P, postprocessors as PP
-from tasks import superglue as sg
+from ul2_tasks import superglue as sg
 
 def t5_glue(x, name, labels, feature_names=None):
   ds = P.glue(tf.data.Dataset.from_tensors(x), benchmark_name=name, label_names=labels, feature_names=feature_names)
