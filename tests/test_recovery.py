@@ -51,6 +51,7 @@ def run_logged(model_dir, steps, **kwargs):
 # Damaged checkpoints
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_every_damaged_checkpoint_is_moved_aside_and_the_newest_intact_one_resumes(tmp_path):
   """Six checkpoints, five of them damaged in a different way, and an empty step folder: the
   resumed run names each, moves it to quarantine/ (nothing deleted), resumes from step 1 and
@@ -95,6 +96,7 @@ def test_every_damaged_checkpoint_is_moved_aside_and_the_newest_intact_one_resum
   assert (quarantine / '2' / 'data' / 'process_0.index').exists()
 
 
+@pytest.mark.slow
 def test_no_intact_checkpoint_is_one_error_and_another_model_is_not_damage(tmp_path):
   model_dir = tmp_path / 'run'
   run_logged(model_dir, 2, checkpoint_every=2, async_checkpointing=False)
@@ -114,6 +116,7 @@ def test_no_intact_checkpoint_is_one_error_and_another_model_is_not_damage(tmp_p
   assert os.listdir(model_dir / 'quarantine') == ['2']
 
 
+@pytest.mark.slow
 def test_the_step_a_run_resumed_from_survives_the_rotation(tmp_path):
   model_dir = tmp_path / 'run'
   run_logged(model_dir, 2, checkpoint_every=2, keep_checkpoints=1)
@@ -125,6 +128,7 @@ def test_the_step_a_run_resumed_from_survives_the_rotation(tmp_path):
 # Non-finite states
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_non_finite_state_is_never_saved(tmp_path):
   """A learning rate that overflows the parameters: the run stops at the first NaN loss,
   naming it and the last good checkpoint, which stays the latest."""
@@ -158,6 +162,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
 # A failed save (the disk full, a quota): a real write error in a real training process
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_failed_save_stops_the_run_in_one_line_and_keeps_the_last_checkpoint(tmp_path):
   from test_train import cli_command, cli_env
   model_dir = tmp_path / 'run'
@@ -199,6 +204,7 @@ def scalar_steps(folder, tag):
   return found
 
 
+@pytest.mark.slow
 def test_a_resumed_run_writes_each_step_once(tmp_path):
   """Steps 1-4 logged, but the run died before checkpointing step 4 (its checkpoint removed
   here): the resumed run recomputes 3 and 4 (the same values, resume is exact) and writes

@@ -252,6 +252,7 @@ def sixteen_cb(tmp_path_factory):
   return root
 
 
+@pytest.mark.slow
 def test_fine_tuning_reaches_full_training_accuracy(sixteen_cb, tmp_path):
   """Restore a pretrained checkpoint, fine-tune with the [NLU] mode token, decode,
   postprocess, score: 100% on the 16 training examples."""
@@ -414,6 +415,7 @@ def official_copy(tmp_path, tasks=('CB', 'COPA', 'RTE'), rows=12):
   return tmp_path
 
 
+@pytest.mark.slow
 def test_one_failing_task_keeps_the_others_results(tmp_path):
   data_dir = official_copy(tmp_path / 'data')
   broken = [json.loads(line) for line in (data_dir / 'RTE' / 'val.jsonl').read_text().splitlines()]
@@ -439,6 +441,7 @@ def test_one_failing_task_keeps_the_others_results(tmp_path):
   assert '| cb | validation | 12 | rank |' in table
 
 
+@pytest.mark.slow
 def test_test_split_writes_leaderboard_files_and_predictions(tmp_path):
   data_dir = official_copy(tmp_path / 'data')
   for folder in ('CB', 'COPA', 'RTE'):  # test files as released: the records without labels
@@ -479,6 +482,7 @@ def test_test_split_writes_leaderboard_files_and_predictions(tmp_path):
   assert all(p['prediction'] in sg.LABELS['cb'] for p in predictions)  # rank: always a label
 
 
+@pytest.mark.slow
 def test_the_mixture_fine_tunes_with_per_task_metrics_and_eval_follows_its_selection(tmp_path):
   """Fine-tuning on a SuperGLUE mixture ([S2S] mode token): each task evaluated on one pass of
   its validation split, per-task TensorBoard tags apart from the token accuracy, the best kept
@@ -574,6 +578,7 @@ def test_rank_continuations_picks_the_most_likely_candidate(tmp_path):
       assert picked == int(np.argmax(expected)), (prompt, normalized, expected)
 
 
+@pytest.mark.slow
 def test_eval_cli_runs_the_prompted_protocol_zero_and_few_shot(tmp_path):
   train_setup.run(str(tmp_path / 'model'), steps=1, checkpoint_every=1)
   for shots in ('0', '2'):
@@ -600,6 +605,7 @@ def test_the_readme_lists_every_prompt():
     assert f'| {task} | `{prompt}` | {candidates} |' in readme, task
 
 
+@pytest.mark.slow
 def test_infer_cli_over_files_equals_one_input_at_a_time(tmp_path):
   """A batched file run (a last batch padded with copies) gives each input what a one-input
   run gives it; scoring a jsonl file likewise; bad files are one-line errors."""

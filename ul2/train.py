@@ -397,7 +397,8 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
   partitioning.check_batch_size(data.batch_size, compiled.mesh, run.microbatches)
   checkpoints_lib.makedirs(run.model_dir)
   if batches is None:
-    say(f'Building the input pipeline of {data.task} ({data.eval_split or "no"} validation)...')
+    say(f'Building the input pipeline of {data.task}'
+        + (f' (validation: its {data.eval_split} split)' if data.eval_split else '') + '...')
   inputs = _Inputs.build(data, run, batches, log)
   checkpoints = checkpoints_lib.Checkpoints(run.model_dir, model, run.keep_checkpoints,
                                             run.async_checkpointing)
@@ -799,7 +800,8 @@ def _last_logged_step(directory: str) -> int:
   last = 0
   for path in tf.io.gfile.glob(checkpoints_lib.join(directory, 'events.out.tfevents.*')):
     try:
-      for event in tf.compat.v1.train.summary_iterator(path):
+      for record in tf.data.TFRecordDataset(path):
+        event = tf.compat.v1.Event.FromString(record.numpy())
         if event.summary.value:
           last = max(last, event.step)
     except tf.errors.DataLossError:  # a file cut short by a kill: what was read counts
