@@ -580,6 +580,15 @@ def test_a_user_tasks_module_and_gin_file_need_no_project_imports(tmp_path):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert shown.returncode == 0, shown.stderr[-3000:]
   assert '[NLU]' in shown.stdout or '[NLG]' in shown.stdout or '[S2S]' in shown.stdout
+  bench = subprocess.run([sys.executable, os.path.join(scripts, 'bench_data.py'), '--module',
+                          'tasks', '--task', 'ul2_mod_my_books', '--baseline',
+                          't5_span_corruption_my_books', '--rows', '16', '--warmup', '0',
+                          '--batch_size', '8', '--repeats', '1', '--inputs_length', '64',
+                          '--targets_length', '64', '--json'],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert bench.returncode == 0, bench.stderr[-3000:]
+  report = json.loads(bench.stdout[bench.stdout.index('{'):])
+  assert report['text']['mod']['rows_per_s'] > 0 and report['cached']['span_corruption']
   missing = subprocess.run([sys.executable, os.path.join(scripts, 'inspect_task.py'),
                             '--module', 'no_such_module', '--task', 'x'], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=600)

@@ -431,6 +431,8 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
       if inputs.validation and _due(done, run.eval_every, run.steps):
         records.validation(done, _validate(compiled, state.params, inputs.validation))
       if run.metrics_every and data.eval_split and _due(done, run.metrics_every, run.steps):
+        records.log(f'step {done}: decoding {data.task}\'s {data.eval_split} split for its '
+                    'task metrics...')
         task_metrics, mode = _task_metrics(compiled.model, state.params, data, run)
         records.task_metrics(done, data.task, task_metrics)
         if run.keep_best:
