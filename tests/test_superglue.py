@@ -237,6 +237,14 @@ def test_postprocessing_maps_text_to_labels():
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
+def one_step_model(tmp_path_factory):
+  """A model_dir after one training step, which the CLI tests only read."""
+  path = tmp_path_factory.mktemp('one_step') / 'model'
+  train_setup.run(str(path), steps=1, checkpoint_every=1)
+  return path
+
+
+@pytest.fixture(scope='module')
 def sixteen_cb(tmp_path_factory):
   """16 CB training records with all three labels, as both train and validation split."""
   root = tmp_path_factory.mktemp('cb16')
@@ -282,10 +290,9 @@ def test_fine_tuning_reaches_full_training_accuracy(sixteen_cb, tmp_path):
   assert ranked.metrics['accuracy'] == 100.0 and ranked.examples == 16
 
 
-def test_eval_cli_writes_a_well_formed_table(tmp_path):
-  train_setup.run(str(tmp_path / 'model'), steps=1, checkpoint_every=1)
+def test_eval_cli_writes_a_well_formed_table(tmp_path, one_step_model):
   results, average = eval_script.main([
-      '--checkpoint', str(tmp_path / 'model'), '--tasks', 'cb,copa', '--split', 'validation',
+      '--checkpoint', str(one_step_model), '--tasks', 'cb,copa', '--split', 'validation',
       '--inputs_length', '256', '--targets_length', '8', '--batch_size', '16',
       '--max_examples', '20', '--output', str(tmp_path / 'eval')])
   report = json.loads((tmp_path / 'eval' / 'results.json').read_text())
@@ -301,7 +308,7 @@ def test_eval_cli_writes_a_well_formed_table(tmp_path):
   assert '| cb | validation | 20 | rank |' in table and '**average** (2 tasks)' in table
   # Few-shot and decoding run through the same path.
   results, _ = eval_script.main([
-      '--checkpoint', str(tmp_path / 'model'), '--tasks', 'rte', '--method', 'decode',
+      '--checkpoint', str(one_step_model), '--tasks', 'rte', '--method', 'decode',
       '--few_shot', '2', '--inputs_length', '512', '--targets_length', '8',
       '--max_examples', '8', '--batch_size', '8'])
   assert results[0]['few_shot'] == 2 and results[0]['examples'] == 8
@@ -315,22 +322,21 @@ def test_few_shot_inputs_keep_mode_and_query():
   assert ids[-1] == 1 and ids[-9:-1] == vocab.encode('cb hypothesis: a premise: b')[-8:]
 
 
-def test_infer_cli_generates_and_scores(tmp_path):
-  train_setup.run(str(tmp_path / 'model'), steps=1, checkpoint_every=1)
+def test_infer_cli_generates_and_scores(tmp_path, one_step_model):
   out = io.StringIO()
-  text = infer_script.main(['--checkpoint', str(tmp_path / 'model'), '--input', 'Hello there',
+  text = infer_script.main(['--checkpoint', str(one_step_model), '--input', 'Hello there',
                             '--mode', '[S2S]', '--max_length', '5'], out=out)
   assert out.getvalue().strip() == text
-  value = infer_script.main(['--checkpoint', str(tmp_path / 'model'), '--input', 'Hello there',
+  value = infer_script.main(['--checkpoint', str(one_step_model), '--input', 'Hello there',
                              '--score', 'General Kenobi'], out=io.StringIO())
   vocab = vocabulary.get_vocabulary()
-  params, _ = checkpoints.load(str(tmp_path / 'model'), TINY)
+  params, _ = checkpoints.load(str(one_step_model), TINY)
   expected = decoding.score(network.Transformer(TINY), params,
                             jnp.asarray([vocab.encode('Hello there') + [1]]),
                             jnp.asarray([vocab.encode('General Kenobi') + [1]]))
   assert value == pytest.approx(float(expected[0]), rel=1e-5) and value < 0
   for method in ('beam', 'sample'):
-    infer_script.main(['--checkpoint', str(tmp_path / 'model'), '--input', 'Hi',
+    infer_script.main(['--checkpoint', str(one_step_model), '--input', 'Hi',
                        '--decode', method, '--max_length', '4'], out=io.StringIO())
 
 
@@ -416,14 +422,13 @@ def official_copy(tmp_path, tasks=('CB', 'COPA', 'RTE'), rows=12):
 
 
 @pytest.mark.slow
-def test_one_failing_task_keeps_the_others_results(tmp_path):
+def test_one_failing_task_keeps_the_others_results(tmp_path, one_step_model):
   data_dir = official_copy(tmp_path / 'data')
   broken = [json.loads(line) for line in (data_dir / 'RTE' / 'val.jsonl').read_text().splitlines()]
   del broken[3]['premise']
   (data_dir / 'RTE' / 'val.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in broken))
-  train_setup.run(str(tmp_path / 'model'), steps=1, checkpoint_every=1)
   with pytest.raises(SystemExit) as exit_info:
-    eval_script.main(['--checkpoint', str(tmp_path / 'model'), '--tasks', 'cb,rte,boolq',
+    eval_script.main(['--checkpoint', str(one_step_model), '--tasks', 'cb,rte,boolq',
                       '--data_dir', str(data_dir), '--inputs_length', '256',
                       '--targets_length', '8', '--batch_size', '12',
                       '--output', str(tmp_path / 'eval')])
@@ -442,7 +447,7 @@ def test_one_failing_task_keeps_the_others_results(tmp_path):
 
 
 @pytest.mark.slow
-def test_test_split_writes_leaderboard_files_and_predictions(tmp_path):
+def test_test_split_writes_leaderboard_files_and_predictions(tmp_path, one_step_model):
   data_dir = official_copy(tmp_path / 'data')
   for folder in ('CB', 'COPA', 'RTE'):  # test files as released: the records without labels
     records = [json.loads(line) for line in (data_dir / folder / 'val.jsonl').read_text()
@@ -455,8 +460,7 @@ def test_test_split_writes_leaderboard_files_and_predictions(tmp_path):
     os.makedirs(data_dir / folder)
     (data_dir / folder / f'{folder}.jsonl').write_text(''.join(
         json.dumps({**record, 'idx': i, 'label': 'entailment'}) + '\n' for i in range(4)))
-  train_setup.run(str(tmp_path / 'model'), steps=1, checkpoint_every=1)
-  eval_script.main(['--checkpoint', str(tmp_path / 'model'), '--tasks', 'cb,copa,rte',
+  eval_script.main(['--checkpoint', str(one_step_model), '--tasks', 'cb,copa,rte',
                     '--split', 'test', '--data_dir', str(data_dir), '--inputs_length', '256',
                     '--targets_length', '8', '--batch_size', '12', '--predictions',
                     '--output', str(tmp_path / 'eval'),
@@ -579,11 +583,10 @@ def test_rank_continuations_picks_the_most_likely_candidate(tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_cli_runs_the_prompted_protocol_zero_and_few_shot(tmp_path):
-  train_setup.run(str(tmp_path / 'model'), steps=1, checkpoint_every=1)
+def test_eval_cli_runs_the_prompted_protocol_zero_and_few_shot(tmp_path, one_step_model):
   for shots in ('0', '2'):
     results, average = eval_script.main([
-        '--checkpoint', str(tmp_path / 'model'), '--tasks', 'cb,copa', '--protocol',
+        '--checkpoint', str(one_step_model), '--tasks', 'cb,copa', '--protocol',
         'prompted', '--few_shot', shots, '--length_normalized', '--inputs_length', '256',
         '--max_examples', '8', '--batch_size', '8', '--output', str(tmp_path / f'e{shots}'),
         '--predictions'])
@@ -606,11 +609,10 @@ def test_the_readme_lists_every_prompt():
 
 
 @pytest.mark.slow
-def test_infer_cli_over_files_equals_one_input_at_a_time(tmp_path):
+def test_infer_cli_over_files_equals_one_input_at_a_time(tmp_path, one_step_model):
   """A batched file run (a last batch padded with copies) gives each input what a one-input
   run gives it; scoring a jsonl file likewise; bad files are one-line errors."""
-  train_setup.run(str(tmp_path / 'model'), steps=1, checkpoint_every=1)
-  checkpoint = str(tmp_path / 'model')
+  checkpoint = str(one_step_model)
   texts = ['It was a dark and', 'Hello there', 'The cat sat on the', 'Once upon a time',
            'A B C']
   (tmp_path / 'in.txt').write_text('\n'.join(texts) + '\n')
