@@ -95,8 +95,7 @@ def main(argv=None):
   from ul2 import checkpoints, evaluation
   checkpoint = (checkpoints.join(args.checkpoint, checkpoints.BEST) if args.best
                 else args.checkpoint)
-  selection = (checkpoints.read_best(checkpoint) or {}).get('selection', {}) \
-      if args.best or checkpoint.rstrip('/').endswith(checkpoints.BEST) else {}
+  selection = checkpoints.best_selection(checkpoint)
   default_mode = vocabulary.S2S if args.protocol == 'prompted' else vocabulary.NLU
   mode = args.mode if args.mode is not None else selection.get('mode', default_mode)
   try:

@@ -75,13 +75,11 @@ def main(argv=None, out=sys.stdout):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from ul2 import checkpoints, decoding, network
+  from ul2 import checkpoints, decoding, evaluation, network
 
   mode = args.mode
   if mode is None:  # a fine-tuned model's best/ answers in the mode it was fine-tuned with
-    best = (checkpoints.read_best(args.checkpoint)
-            if args.checkpoint.rstrip('/').endswith(checkpoints.BEST) else None)
-    mode = (best or {}).get('selection', {}).get('mode', '')
+    mode = checkpoints.best_selection(args.checkpoint).get('mode', '')
   try:
     mode = vocabulary.check_mode(mode, '--mode')
   except ValueError as e:
@@ -138,10 +136,10 @@ def main(argv=None, out=sys.stdout):
   for first in range(0, len(records), args.batch_size):
     chunk = list(range(first, min(first + args.batch_size, len(records))))
     padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk))
-    batch = jnp.asarray(_pad([inputs[i] for i in padded], width))
+    batch = jnp.asarray(evaluation.pad_rows([inputs[i] for i in padded], width))
     if targets:
       values = np.asarray(decoding.score(model, params, batch, jnp.asarray(
-          _pad([targets[i] for i in padded], target_width))))
+          evaluation.pad_rows([targets[i] for i in padded], target_width))))
       rows += [{'input': records[i]['input'], 'target': records[i]['target'],
                 'log_likelihood': float(values[j])} for j, i in enumerate(chunk)]
       produced += sum(len(targets[i]) for i in chunk)
@@ -198,14 +196,6 @@ def read_inputs(args) -> list[dict[str, str]]:
   if not records:
     raise SystemExit(f'error: --input_file {path}: no inputs in it.')
   return records
-
-
-def _pad(rows, width):
-  import numpy as np
-  out = np.zeros((len(rows), width), np.int32)
-  for i, row in enumerate(rows):
-    out[i, :len(row)] = row
-  return out
 
 
 if __name__ == '__main__':

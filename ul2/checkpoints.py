@@ -349,14 +349,12 @@ class Checkpoints:
            'files': _file_digests(path)}, indent=0))
       self._saving = step
       self.manager.save(step, args=ocp.args.StandardSave(item), force=True)
-    except CheckpointError:
-      raise
     except Exception as e:  # disk full, permissions, a vanished bucket...
       raise self._save_failed(step, e) from e
     self._remove_stale_data()
 
   def _save_failed(self, step: int, error: BaseException) -> CheckpointError:
-    cause = ' '.join(str(error).split())[:300] or type(error).__name__
+    cause = _summary(error, 300)
     return CheckpointError(
         f'Saving checkpoint step {step} to {self.model_dir} failed: {cause}. Nothing after '
         f'it was saved; {self.describe_last_good()} and intact. Fix the cause (free space, '
@@ -399,7 +397,7 @@ class Checkpoints:
     try:
       restored = self.manager.restore(step, args=ocp.args.StandardRestore(item))
     except Exception as e:
-      raise DamagedCheckpoint(' '.join(str(e).split())[:200] or type(e).__name__) from e
+      raise DamagedCheckpoint(_summary(e, 200)) from e
     if manifest is not None:
       got = _flat_checksums(jax.device_get(self._checksums(restored)[0]))
       bad = sorted(k for k in manifest['arrays'] if got.get(k) != manifest['arrays'][k])
@@ -417,8 +415,7 @@ class Checkpoints:
       saved = self.manager.item_metadata(step)['params']
       saved_shapes = {k: tuple(v.shape) for k, v in _flatten_tree(saved).items()}
     except Exception as e:
-      raise DamagedCheckpoint('its metadata cannot be read: '
-                              + (' '.join(str(e).split())[:200] or type(e).__name__)) from e
+      raise DamagedCheckpoint(f'its metadata cannot be read: {_summary(e, 200)}') from e
     wanted = {k: tuple(v.shape) for k, v in _flatten_tree(item['params']).items()}
     if saved_shapes != wanted:
       differ = sorted(k for k in set(saved_shapes) | set(wanted)
@@ -627,6 +624,11 @@ def _file_digests(path: str) -> dict[str, str]:
   return digests
 
 
+def _summary(error: BaseException, limit: int) -> str:
+  """An error's message on one line, at most `limit` characters (its type if it has none)."""
+  return ' '.join(str(error).split())[:limit] or type(error).__name__
+
+
 def _any_process(flag: bool) -> bool:
   """Whether `flag` holds on any process (the same answer everywhere)."""
   if jax.process_count() == 1:
@@ -657,6 +659,18 @@ def read_best(model_dir: str) -> dict | None:
     return None
   with open_file(path) as f:
     return json.load(f)
+
+
+def best_selection(path: str) -> dict[str, str]:
+  """How the parameters at `path` were selected ({'method', 'mode'} from best.json) when
+  `path` is a run's best/ folder; {} for anything else.
+
+  >>> best_selection('runs/no_such_run/checkpoints/3')
+  {}
+  """
+  if posixpath.basename(str(path).rstrip('/')) != BEST:
+    return {}
+  return (read_best(path) or {}).get('selection', {})
 
 
 def save_best(model_dir: str, step: int, metric: str, metrics: Mapping[str, float],

@@ -37,7 +37,8 @@ def _text(value) -> str:
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
-def _pad(rows: Sequence[Sequence[int]], length: int) -> np.ndarray:
+def pad_rows(rows: Sequence[Sequence[int]], length: int) -> np.ndarray:
+  """Token rows -> [len(rows), length] int32, zero-padded (cut at `length`)."""
   out = np.zeros((len(rows), length), np.int32)
   for i, row in enumerate(rows):
     out[i, :len(row)] = row[:length]
@@ -95,7 +96,7 @@ def evaluate(model: network.Transformer, params: Any, task_name: str, *,
 
   width = max(len(r) for r in inputs)  # one padded width for every batch
   if method == 'rank':
-    cand_ids = _pad([vocab.encode(c) + [network.EOS_ID] for c in candidates],
+    cand_ids = pad_rows([vocab.encode(c) + [network.EOS_ID] for c in candidates],
                     max(len(vocab.encode(c)) + 1 for c in candidates))
     cands = jnp.asarray(np.broadcast_to(cand_ids, (batch_size,) + cand_ids.shape))
   predictions = []
@@ -103,7 +104,7 @@ def evaluate(model: network.Transformer, params: Any, task_name: str, *,
     chunk = inputs[start:start + batch_size]
     rows = len(chunk)
     chunk = chunk + [chunk[-1]] * (batch_size - rows)  # one compiled shape for every batch
-    enc = jnp.asarray(_pad(chunk, width))
+    enc = jnp.asarray(pad_rows(chunk, width))
     if method == 'decode':
       out = np.asarray(decoding.greedy(model, params, enc, lengths['targets']))[:rows]
       for row, ex in zip(out, examples[start:start + rows]):
@@ -197,9 +198,9 @@ def rank_continuations(model: network.Transformer, params: Any, prompts: Sequenc
   for start in range(0, len(inputs), batch_size):
     rows = list(range(start, min(start + batch_size, len(inputs))))
     padded = rows + [rows[-1]] * (batch_size - len(rows))
-    cands = np.stack([_pad(encoded[i] + [encoded[i][0]] * (count - len(encoded[i])), length)
+    cands = np.stack([pad_rows(encoded[i] + [encoded[i][0]] * (count - len(encoded[i])), length)
                       for i in padded])  # [batch, C, Lt]; padding candidates are masked below
-    scores, _ = decoding.rank_classification(model, params, jnp.asarray(_pad(
+    scores, _ = decoding.rank_classification(model, params, jnp.asarray(pad_rows(
         [inputs[i] for i in padded], width)), jnp.asarray(cands))
     scores = np.asarray(scores)
     if length_normalized:
