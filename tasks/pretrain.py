@@ -1,11 +1,14 @@
 """Pretraining tasks: the UL2 Mixture-of-Denoisers and its ablation baselines, per corpus.
 
-Every corpus is registered under four objectives, through the same code path:
+Every corpus is registered under four objectives, through the same code path, and as the
+paper's causal-LM baseline:
 
     ul2_mod_<corpus>             the paper's 7 denoisers, uniform per example
     t5_span_corruption_<corpus>  T5's span corruption only, R(3, 0.15)
     prefix_lm_<corpus>           the S-denoiser only (prefix LM)
     ul2r_<corpus>                UL2R / U-PaLM: 50% S, 25% R(3, 0.15), 25% X(32, 0.5)
+    causal_lm_<corpus>           plain text in `targets` only, for decoder-only models
+                                 (feature lengths {'targets': N}: seqio's LMFeatureConverter)
 
 Corpora registered on import:
   * `gutenberg`: plain text, one paragraph per line, `gutenberg_{train,validation}_*.txt`.
@@ -23,7 +26,7 @@ Registering your own corpus takes one call (documents are concatenated, so short
     pretrain.register_corpus('mynews', pretrain.jsonl_source(
         train='/data/news/train.jsonl', validation='/data/news/valid.jsonl', text_key='body'))
     pretrain.register_corpus('mywiki', pretrain.hf_disk_source('/data/wiki_saved_to_disk'))
-    # -> tasks 'ul2_mod_mybooks', 't5_span_corruption_mybooks', 'prefix_lm_mybooks', ...
+    # -> tasks 'ul2_mod_mybooks', 't5_span_corruption_mybooks', ..., 'causal_lm_mybooks'
 
 Every denoiser keeps its (mu, r): at inputs length 512, X(3, 0.5) would make up to 127 spans
 but the T5 vocabulary has 100 sentinels (the reference code then silently uses ordinary word
@@ -79,6 +82,21 @@ def preprocessors(mixture: denoisers.MixtureConfig, text_key: str = 'text') -> l
   ]
 
 
+def causal_lm_preprocessors(text_key: str = 'text') -> list:
+  """rekey -> tokenize into blocks -> (cache) -> chunks of the targets length -> EOS."""
+  return [
+      _lines_as_documents,
+      functools.partial(seqio.preprocessors.rekey, key_map={'targets': text_key}),
+      denoisers.tokenize_blocks,
+      seqio.CacheDatasetPlaceholder(),
+      denoisers.causal_lm_chunks,
+      seqio.preprocessors.append_eos_after_trim,
+  ]
+
+
+CAUSAL_LM = 'causal_lm'
+
+
 def _lines_as_documents(dataset: tf.data.Dataset) -> tf.data.Dataset:
   """TextLineDataSource yields bare lines; every other source yields feature dicts. Lines
   that are not UTF-8 (allowed by `text_files_source(errors='replace')`) get U+FFFD."""
@@ -109,20 +127,24 @@ def _check_text_key(name: str, source: seqio.DataSource, text_key: str) -> None:
 
 def register_corpus(name: str, source: seqio.DataSource, text_key: str = 'text',
                     objectives: Mapping[str, denoisers.MixtureConfig] | None = None,
-                    vocab: seqio.Vocabulary | None = None) -> list[str]:
-  """Registers `<objective>_<name>` for each objective; replaces earlier registrations.
+                    vocab: seqio.Vocabulary | None = None, causal_lm: bool = True) -> list[str]:
+  """Registers `<objective>_<name>` for each objective, and `causal_lm_<name>` unless
+  `causal_lm=False`; replaces earlier registrations.
 
   Returns the task names. `text_key`: the feature of `source` that holds the document text
   ('text' for `text_files_source`, `jsonl_source` and `hf_disk_source`, which take the
   field or column name themselves).
   """
   _check_text_key(name, source, text_key)
+  steps = {objective: preprocessors(mixture, text_key)
+           for objective, mixture in (objectives or OBJECTIVES).items()}
+  if causal_lm:
+    steps[CAUSAL_LM] = causal_lm_preprocessors(text_key)
   names = []
-  for objective, mixture in (objectives or OBJECTIVES).items():
+  for objective, task_preprocessors in steps.items():
     task_name = f'{objective}_{name}'
     seqio.TaskRegistry.remove(task_name)
-    seqio.TaskRegistry.add(task_name, source=source,
-                           preprocessors=preprocessors(mixture, text_key),
+    seqio.TaskRegistry.add(task_name, source=source, preprocessors=task_preprocessors,
                            output_features=output_features(vocab), metric_fns=[])
     names.append(task_name)
   return names

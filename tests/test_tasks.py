@@ -70,7 +70,7 @@ def test_text_files_jsonl_and_hf_disk_corpora_register_in_one_call(tmp_path):
       'hf': pretrain.register_corpus('test_hf', pretrain.hf_disk_source(str(tmp_path / 'hf'))),
   }
   assert names['txt'] == ['ul2_mod_test_txt', 't5_span_corruption_test_txt',
-                          'prefix_lm_test_txt', 'ul2r_test_txt']
+                          'prefix_lm_test_txt', 'ul2r_test_txt', 'causal_lm_test_txt']
   want = {'train': expected_tokens(train), 'validation': expected_tokens(valid)}
   for kind in names:
     for split in ('train', 'validation'):

@@ -18,10 +18,10 @@ OPTIMIZER = T.OptimizerConfig(schedule='constant', learning_rate=0.01, warmup_st
 def run(model_dir, steps, *, model=TINY, batch_size=8, mesh=partitioning.MeshConfig(),
         devices=None, microbatches=1, input_shards=None, checkpoint_every=1000, batches=None,
         eval_split='validation', async_checkpointing=True, seed=0, task='ul2_mod_gutenberg',
-        **run_options):
+        lengths=LENGTHS, **run_options):
   return T.train(
       model=model,
-      data=data_lib.DataConfig(task, LENGTHS, batch_size=batch_size,
+      data=data_lib.DataConfig(task, lengths, batch_size=batch_size,
                              input_shards=input_shards, eval_split=eval_split),
       run=T.TrainConfig(model_dir, steps=steps, microbatches=microbatches, eval_every=1000,
                         eval_batches=2, checkpoint_every=checkpoint_every, log_every=2,

@@ -263,10 +263,10 @@ def read_optimizer_state(path: str) -> tuple[Any, int] | tuple[None, None]:
 
 
 def load_model(path: str, config: network.Config | None = None, ignore_extra: bool = False
-               ) -> tuple[network.Transformer, Any]:
+               ) -> tuple[network.Model, Any]:
   """(model, params) for inference from `path` (as `load` reads it): dropout off."""
   params, config = load(path, config, ignore_extra)
-  return network.Transformer(dataclasses.replace(config, dropout_rate=0.0)), params
+  return network.build(dataclasses.replace(config, dropout_rate=0.0)), params
 
 
 # ----------------------------------------------------------------------------------------------

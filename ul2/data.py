@@ -7,9 +7,14 @@ with a position that a checkpoint saves and a restarted run restores exactly.
     next(batches)  # {'encoder_input_tokens': [16 / processes, 128] int32, ...}
 
 Each process reads `DataConfig.input_shards / processes` logical shards (`seqio.ShardInfo`), so
-the global batches do not depend on how many processes read them. Rows keep seqio's
-`EncDecFeatureConverter` names (`encoder_input_tokens`, `decoder_target_tokens`,
-`decoder_input_tokens`, `decoder_loss_weights`, and segment ids and positions when packed).
+the global batches do not depend on how many processes read them. Rows keep the names of
+seqio's feature converter for the model's architecture: `EncDecFeatureConverter` for an
+encoder-decoder (`encoder_input_tokens`, `decoder_target_tokens`, `decoder_input_tokens`,
+`decoder_loss_weights`, and segment ids and positions when packed); `DecoderFeatureConverter`
+for a decoder-only model, which concatenates inputs and targets into one row with the loss on
+the targets only and `decoder_causal_attention` marking the inputs (`PrefixLMFeatureConverter`),
+or, for a task with targets only, makes a plain causal LM row (`LMFeatureConverter`); lengths
+{'inputs': 128, 'targets': 128} then give rows of 256.
 
 A saved position only means something in the pipeline that produced it, so it is saved with
 the pipeline's `input_layout`: the task, lengths, batch, shards, seed, processes and the
@@ -131,13 +136,18 @@ def input_shards(data: DataConfig) -> list[int]:
   return list(range(first, first + per_process))
 
 
-def input_layout(data: DataConfig, seed: int) -> dict[str, Any]:
+def input_layout(data: DataConfig, seed: int,
+                 architecture: str = 'encoder_decoder') -> dict[str, Any]:
   """Everything that decides which examples this process's training pipelines yield, in order."""
-  return {'task': data.task, 'task_definition': stream_definition(data.task),
-          'feature_lengths': dict(data.feature_lengths),
-          'batch_size': data.batch_size, 'pack': data.pack, 'shuffle': data.shuffle,
-          'use_cached': data.use_cached, 'seed': seed, 'processes': jax.process_count(),
-          'input_shards': total_input_shards(data), 'shards_of_this_process': input_shards(data)}
+  layout = {'task': data.task, 'task_definition': stream_definition(data.task),
+            'feature_lengths': dict(data.feature_lengths),
+            'batch_size': data.batch_size, 'pack': data.pack, 'shuffle': data.shuffle,
+            'use_cached': data.use_cached, 'seed': seed, 'processes': jax.process_count(),
+            'input_shards': total_input_shards(data),
+            'shards_of_this_process': input_shards(data)}
+  if architecture != 'encoder_decoder':  # absent for encoder-decoders, as in older runs
+    layout['feature_converter'] = FEATURE_CONVERTERS[architecture]
+  return layout
 
 
 def stream_definition(name: str) -> dict[str, Any]:
@@ -267,8 +277,24 @@ def _files(patterns: str | Sequence[str]) -> list[list]:
 # Pipelines and batches
 # ----------------------------------------------------------------------------------------------
 
+# The seqio feature converter of each network.Config.architecture.
+FEATURE_CONVERTERS = {'encoder_decoder': 'EncDecFeatureConverter',
+                      'decoder_only': 'DecoderFeatureConverter'}
+
+
+def feature_converter(data: DataConfig, architecture: str = 'encoder_decoder'):
+  """seqio's converter of task features into the model's features, packing as `data.pack`."""
+  import seqio
+
+  if architecture == 'encoder_decoder' and 'inputs' not in data.feature_lengths:
+    raise ValueError(f'DataConfig.feature_lengths {dict(data.feature_lengths)} has no '
+                     "'inputs': an encoder-decoder needs inputs (a causal-LM task such as "
+                     "'lm_gutenberg' is for decoder-only models: MODEL_ARCH = 'decoder_only').")
+  return getattr(seqio, FEATURE_CONVERTERS[architecture])(pack=data.pack)
+
+
 def make_datasets(data: DataConfig, split: str, seed: int, repeat: bool,
-                  shuffle: bool) -> list:
+                  shuffle: bool, architecture: str = 'encoder_decoder') -> list:
   """One tf.data pipeline per input shard of this process, each batched to its rows."""
   import seqio
 
@@ -279,14 +305,15 @@ def make_datasets(data: DataConfig, split: str, seed: int, repeat: bool,
   if data.batch_size % total:
     raise ValueError(f'Batch size {data.batch_size} must be divisible by the {total} input '
                      'shards.')
-  converter = seqio.EncDecFeatureConverter(pack=data.pack)
+  converter = feature_converter(data, architecture)
+  features = [k for k in ('inputs', 'targets') if k in data.feature_lengths]
   out = []
   for shard in shards:
     ds = task.get_dataset(dict(data.feature_lengths), split=split, shuffle=shuffle, seed=seed,
                           shard_info=seqio.ShardInfo(index=shard, num_shards=total),
                           num_epochs=None if repeat else 1, use_cached=data.use_cached)
     # Only the model's features: the converter would drop (and warn about) e.g. `denoiser`.
-    ds = ds.map(lambda ex: {k: ex[k] for k in ('inputs', 'targets')})
+    ds = ds.map(lambda ex: {k: ex[k] for k in features})
     ds = converter(ds, dict(data.feature_lengths))
     out.append(ds.batch(rows, drop_remainder=True).prefetch(2))
   return out

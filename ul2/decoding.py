@@ -1,10 +1,12 @@
 """Decoding and scoring on the key/value cache: greedy, beam search, sampling, rank scoring.
 
-Every decoder encodes the inputs once, then runs the decoder one token per step against the
-cache (`network.init_decoding_cache`), starting from the start token 0, inside one jitted
-`lax.while_loop` that stops when every row has produced EOS (1) or `max_decode_length` tokens.
-Outputs are [batch, max_decode_length] token ids without the start token: the EOS, then
-padding (0).
+Every decoder reads the inputs once (an encoder-decoder encodes them; a decoder-only model
+fills its cache with them in one pass, `_prefill`), then runs the decoder one token per step
+against the cache (`network.init_decoding_cache`) inside one jitted `lax.while_loop` that
+stops when every row has produced EOS (1) or `max_decode_length` tokens. Outputs are
+[batch, max_decode_length] token ids without the start token: the EOS, then padding (0).
+The same functions take either model (`network.build`); `encoder_input_tokens` are the
+inputs feature's tokens in both.
 
     >>> cfg = network.Config(vocab_size=64, emb_dim=8, num_heads=2, head_dim=4, mlp_dim=16,
     ...                      num_encoder_layers=1, num_decoder_layers=1)
@@ -35,7 +37,7 @@ PAD_ID = network.PAD_ID
 NEG_INF = -1e9
 
 
-def _step_fn(model: network.Transformer, params: Any, *, encoded: jax.Array,
+def _step_fn(model: network.Model, params: Any, *, encoded: jax.Array,
              encoder_input_tokens: jax.Array, max_decode_length: int):
   """One cached decoder step: (cache, tokens [rows]) -> (log-probs [rows, vocab], cache)."""
   def step(cache, tokens):
@@ -52,6 +54,55 @@ def _encode(model, params, encoder_input_tokens, repeat: int = 1):
     encoded = jnp.repeat(encoded, repeat, axis=0)
     encoder_input_tokens = jnp.repeat(encoder_input_tokens, repeat, axis=0)
   return encoded, encoder_input_tokens
+
+
+def _start(model, params, inputs: jax.Array, max_decode_length: int, repeat: int = 1):
+  """What a decoding loop starts from: (step, cache, first tokens [rows]).
+
+  The loop feeds `first` at step 0, then each step's chosen token. Encoder-decoder: the
+  inputs are encoded once, the cache is empty and `first` is the start token 0.
+  Decoder-only: `_prefill`.
+  """
+  if isinstance(model, network.DecoderOnly):
+    return _prefill(model, params, jnp.repeat(inputs, repeat, axis=0), max_decode_length)
+  encoded, enc_tokens = _encode(model, params, inputs, repeat)
+  cache = network.init_decoding_cache(model, enc_tokens.shape[0], enc_tokens.shape[1],
+                                      max_decode_length)
+  step = _step_fn(model, params, encoded=encoded, encoder_input_tokens=enc_tokens,
+                  max_decode_length=max_decode_length)
+  return step, cache, jnp.full((enc_tokens.shape[0],), PAD_ID, jnp.int32)
+
+
+def _prefill(model: network.DecoderOnly, params: Any, inputs: jax.Array,
+             max_decode_length: int):
+  """A decoder-only model's prompt, read in one pass into the cache.
+
+  The prompt is what the model reads before the first target in training: the start token 0
+  and the inputs (seqio's `PrefixLMFeatureConverter`), e.g. inputs [[5, 6, 1, 0]] (2 tokens,
+  EOS, padding) -> prompt [[0, 5, 6, 1, 0]] of length 4. The prefill writes the keys and values
+  of all of it, with the training mask (bidirectional over the prompt in a prefix LM), and
+  leaves each row's cache index at its last prompt position; step 0 then feeds that last
+  prompt token (here 1) again, which gives the first target's log-probabilities with the same
+  attention as training. The cache holds prompt + `max_decode_length` positions.
+  """
+  rows, length = inputs.shape
+  prompt = jnp.pad(inputs, ((0, 0), (1, 0)))  # [rows, 1 + inputs]
+  lengths = 1 + jnp.sum(inputs > 0, axis=1)  # [rows]
+  real = (jnp.arange(length + 1)[None, :] < lengths[:, None]).astype(jnp.int32)
+  cache_length = length + 1 + max_decode_length
+  cache = network.init_decoding_cache(model, rows, 0, cache_length)
+  _, mutated = model.apply({'params': params, 'cache': cache}, prompt, real,
+                           decoder_causal_attention=real, decode=True,
+                           max_decode_length=cache_length, prefill_lengths=lengths - 1,
+                           mutable=['cache'])
+
+  def step(cache, tokens):
+    logits, mutated = model.apply({'params': params, 'cache': cache}, tokens[:, None],
+                                  tokens[:, None], decode=True, max_decode_length=cache_length,
+                                  mutable=['cache'])
+    return jax.nn.log_softmax(logits[:, 0].astype(jnp.float32)), mutated['cache']
+  first = jnp.take_along_axis(prompt, (lengths - 1)[:, None], axis=1)[:, 0]
+  return step, mutated['cache'], first
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,10 +134,7 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
 def _decode_loop(model, params, encoder_input_tokens, *, rng, max_decode_length: int,
                  temperature: float, top_k: int, top_p: float):
   batch = encoder_input_tokens.shape[0]
-  encoded, enc_tokens = _encode(model, params, encoder_input_tokens)
-  cache = network.init_decoding_cache(model, batch, enc_tokens.shape[1], max_decode_length)
-  step = _step_fn(model, params, encoded=encoded, encoder_input_tokens=enc_tokens,
-                  max_decode_length=max_decode_length)
+  step, cache, first = _start(model, params, encoder_input_tokens, max_decode_length)
 
   def cond(carry):
     t, _, _, done, _ = carry
@@ -94,7 +142,7 @@ def _decode_loop(model, params, encoder_input_tokens, *, rng, max_decode_length:
 
   def body(carry):
     t, cache, tokens, done, rng = carry
-    previous = jnp.where(t == 0, PAD_ID, tokens[:, jnp.maximum(t - 1, 0)])
+    previous = jnp.where(t == 0, first, tokens[:, jnp.maximum(t - 1, 0)])
     log_probs, cache = step(cache, previous)
     if temperature == 0.0:
       chosen = jnp.argmax(log_probs, axis=-1)
@@ -111,14 +159,14 @@ def _decode_loop(model, params, encoder_input_tokens, *, rng, max_decode_length:
   return jax.lax.while_loop(cond, body, init)[2]
 
 
-def greedy(model: network.Transformer, params: Any, encoder_input_tokens: jax.Array,
+def greedy(model: network.Model, params: Any, encoder_input_tokens: jax.Array,
            max_decode_length: int) -> jax.Array:
   """Most likely token at every step: [batch, inputs] -> [batch, max_decode_length]."""
   return _decode_loop(model, params, encoder_input_tokens, rng=jax.random.key(0),
                       max_decode_length=max_decode_length, temperature=0.0, top_k=0, top_p=1.0)
 
 
-def sample(model: network.Transformer, params: Any, encoder_input_tokens: jax.Array,
+def sample(model: network.Model, params: Any, encoder_input_tokens: jax.Array,
            rng: jax.Array, max_decode_length: int, temperature: float = 1.0,
            top_k: int = 0, top_p: float = 1.0) -> jax.Array:
   """Ancestral sampling with temperature, top-k and top-p (nucleus) filtering."""
@@ -144,7 +192,7 @@ def _gather_beams(tree: Any, indices: jax.Array, batch: int, beams: int, axis: i
   old beam `indices[b, j]`."""
   def gather(x):
     if x.ndim <= axis or x.shape[axis] != batch * beams:
-      return x  # e.g. the cache index, shared by all rows
+      return x
     shape = x.shape
     x = x.reshape(shape[:axis] + (batch, beams) + shape[axis + 1:])
     idx = indices.reshape((1,) * axis + (batch, beams) + (1,) * (x.ndim - axis - 2))
@@ -170,7 +218,7 @@ BEAM_NEG_INF = -1.0e7
 
 @functools.partial(jax.jit, static_argnames=('model', 'beam_size', 'max_decode_length',
                                              'alpha'))
-def beam_search(model: network.Transformer, params: Any, encoder_input_tokens: jax.Array,
+def beam_search(model: network.Model, params: Any, encoder_input_tokens: jax.Array,
                 beam_size: int, max_decode_length: int, alpha: float = 0.6
                 ) -> tuple[jax.Array, jax.Array]:
   """T5X's beam search (`t5x.decoding.beam_search`): -> (sequences [batch, beam_size,
@@ -187,10 +235,7 @@ def beam_search(model: network.Transformer, params: Any, encoder_input_tokens: j
   """
   batch = encoder_input_tokens.shape[0]
   rows = batch * beam_size
-  encoded, enc_tokens = _encode(model, params, encoder_input_tokens, beam_size)
-  cache = network.init_decoding_cache(model, rows, enc_tokens.shape[1], max_decode_length)
-  step = _step_fn(model, params, encoded=encoded, encoder_input_tokens=enc_tokens,
-                  max_decode_length=max_decode_length)
+  step, cache, first = _start(model, params, encoder_input_tokens, max_decode_length, beam_size)
   cache_axis = 1 if model.config.scan_layers else 0
   vocab = model.config.vocab_size
   best_possible_penalty = length_penalty(max_decode_length + 1.0, alpha)
@@ -205,7 +250,7 @@ def beam_search(model: network.Transformer, params: Any, encoder_input_tokens: j
 
   def body(carry):
     t, cache, live, live_log_prob, finished_seqs, finished_score, finished = carry
-    previous = jnp.where(t == 0, PAD_ID, live[..., jnp.maximum(t - 1, 0)]).reshape(rows)
+    previous = jnp.where(t == 0, first, live[..., jnp.maximum(t - 1, 0)].reshape(rows))
     step_log_probs, cache = step(cache, previous)
     # [batch, beam, vocab] -> the 2 x beam best extensions: [batch, 2 * beam]
     candidates = (step_log_probs.reshape(batch, beam_size, vocab)
@@ -251,24 +296,56 @@ def _teacher_forced_log_likelihood(model, params, encoded, encoder_input_tokens,
   return network.sequence_log_likelihood(logits, targets)
 
 
+def prefix_lm_rows(inputs: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+  """Rows of inputs [rows, Li] and targets [rows, Lt] as seqio's `PrefixLMFeatureConverter`
+  (unpacked) makes them: each row's inputs, without their padding, then its targets.
+
+  >>> rows = prefix_lm_rows(jnp.array([[9, 4, 1, 0]]), jnp.array([[3, 1]]))
+  >>> {k: v.tolist()[0] for k, v in rows.items()}  # doctest: +NORMALIZE_WHITESPACE
+  {'decoder_target_tokens': [9, 4, 1, 3, 1, 0], 'decoder_input_tokens': [0, 9, 4, 1, 3, 1],
+   'decoder_loss_weights': [0, 0, 0, 1, 1, 0], 'decoder_causal_attention': [1, 1, 1, 1, 0, 0]}
+  """
+  li, lt = inputs.shape[1], targets.shape[1]
+  n = jnp.sum(inputs > 0, axis=1, keepdims=True)  # [rows, 1]
+  pos = jnp.arange(li + lt)[None, :]
+  from_inputs = jnp.take_along_axis(inputs, jnp.minimum(pos, li - 1).repeat(len(inputs), 0),
+                                    axis=1)
+  t = pos - n
+  from_targets = jnp.take_along_axis(targets, jnp.clip(t, 0, lt - 1), axis=1)
+  seq = jnp.where(pos < n, from_inputs, jnp.where(t < lt, from_targets, 0)).astype(jnp.int32)
+  return {'decoder_target_tokens': seq,
+          'decoder_input_tokens': jnp.pad(seq, ((0, 0), (1, 0)))[:, :-1],
+          'decoder_loss_weights': ((pos >= n) & (seq > 0)).astype(jnp.int32),
+          'decoder_causal_attention': (pos <= n).astype(jnp.int32)}
+
+
+def _log_likelihood(model, params, inputs, targets, repeat: int = 1):
+  """log p(targets | inputs) of rows whose inputs are `inputs` repeated `repeat` times."""
+  if isinstance(model, network.DecoderOnly):
+    rows = prefix_lm_rows(jnp.repeat(inputs, repeat, axis=0), targets)
+    weights = rows.pop('decoder_loss_weights')
+    logits = model.apply({'params': params}, **rows)
+    return network.sequence_log_likelihood(logits, rows['decoder_target_tokens'], weights)
+  # Each input is encoded once; its encodings are repeated for its rows.
+  encoded, inputs = _encode(model, params, inputs, repeat)
+  return _teacher_forced_log_likelihood(model, params, encoded, inputs, targets)
+
+
 @functools.partial(jax.jit, static_argnames=('model',))
-def score(model: network.Transformer, params: Any, encoder_input_tokens: jax.Array,
+def score(model: network.Model, params: Any, encoder_input_tokens: jax.Array,
           targets: jax.Array) -> jax.Array:
   """Natural-log likelihood of each row's `targets` (EOS included, padding excluded)."""
-  encoded, encoder_input_tokens = _encode(model, params, encoder_input_tokens)
-  return _teacher_forced_log_likelihood(model, params, encoded, encoder_input_tokens, targets)
+  return _log_likelihood(model, params, encoder_input_tokens, targets)
 
 
 @functools.partial(jax.jit, static_argnames=('model',))
-def rank_classification(model: network.Transformer, params: Any,
+def rank_classification(model: network.Model, params: Any,
                         encoder_input_tokens: jax.Array, candidates: jax.Array
                         ) -> tuple[jax.Array, jax.Array]:
   """Scores each input's candidate answers: inputs [batch, Li], candidates [batch, C, Lt]
   (token ids ending in EOS, padded with 0) -> (log-likelihoods [batch, C], best [batch])."""
   batch, count, length = candidates.shape
-  # Each input is encoded once; its encodings are repeated for its C candidates.
-  encoded, inputs = _encode(model, params, encoder_input_tokens, count)  # [batch * C, Li, ...]
-  scores = _teacher_forced_log_likelihood(model, params, encoded, inputs,
-                                          candidates.reshape(batch * count, length))
+  scores = _log_likelihood(model, params, encoder_input_tokens,
+                           candidates.reshape(batch * count, length), count)
   scores = scores.reshape(batch, count)
   return scores, jnp.argmax(scores, axis=-1)

@@ -486,6 +486,31 @@ def concatenate_documents(dataset: tf.data.Dataset,
   return dataset.filter(lambda ex: tf.size(ex['targets']) > 0)
 
 
+def causal_lm_chunks(dataset: tf.data.Dataset, sequence_length: Mapping[str, int]
+                     ) -> tf.data.Dataset:
+  """Token blocks -> consecutive chunks of `targets` length - 1 (room for the EOS): the
+  causal-LM baseline's examples, for a decoder-only model (no inputs, no mode token, every
+  token in the loss). The last chunk of a block keeps what is left.
+
+  >>> ds = tf.data.Dataset.from_tensor_slices({'targets': [[10, 11, 12, 13, 14]]})
+  >>> [ex['targets'].tolist()
+  ...  for ex in causal_lm_chunks(ds, {'targets': 3}).as_numpy_iterator()]
+  [[10, 11], [12, 13], [14]]
+  """
+  size = sequence_length['targets'] - 1
+  if size < 1:
+    raise ValueError(f"feature_lengths['targets'] must be at least 2 for a causal LM, got "
+                     f"{sequence_length['targets']}.")
+
+  def chunks(ex):
+    n = tf.size(ex['targets'], out_type=tf.int64)
+    lengths = tf.concat([tf.fill([n // size], tf.cast(size, tf.int64)),
+                         tf.boolean_mask([n % size], [n % size > 0])], axis=0)
+    return tf.data.Dataset.from_tensor_slices(
+        {'targets': tf.RaggedTensor.from_row_lengths(ex['targets'], lengths)})
+  return dataset.flat_map(chunks)
+
+
 class MixtureOfDenoisers:
   """A seqio preprocessor: token blocks in `targets` -> denoised examples.
 

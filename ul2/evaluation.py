@@ -65,7 +65,7 @@ def few_shot_inputs(vocab, query: str, shots: Sequence[tuple[str, str]], length:
   return (prefix + context + query_ids)[-length:]  # cuts only a query that alone is too long
 
 
-def evaluate(model: network.Transformer, params: Any, task_name: str, *,
+def evaluate(model: network.Model, params: Any, task_name: str, *,
              feature_lengths: Mapping[str, int], split: str = 'validation',
              method: str = 'decode', candidates: Sequence[str] | None = None,
              few_shot: int = 0, batch_size: int = 32, max_examples: int | None = None,
@@ -130,7 +130,7 @@ def evaluate(model: network.Transformer, params: Any, task_name: str, *,
   return Result(task_name, metrics, len(examples), method, predictions, mode or '', records)
 
 
-def evaluate_during_training(model: network.Transformer, params: Any, name: str, *,
+def evaluate_during_training(model: network.Model, params: Any, name: str, *,
                              feature_lengths: Mapping[str, int], split: str = 'validation',
                              max_examples: int | None = None) -> tuple[dict[str, float], str]:
   """(metrics, mode) of a task or a mixture by greedy decoding, one finite pass each.
@@ -175,7 +175,7 @@ def task_score(metrics: Mapping[str, float]) -> float:
   return float(np.mean(list(metrics.values())))
 
 
-def rank_continuations(model: network.Transformer, params: Any, prompts: Sequence[str],
+def rank_continuations(model: network.Model, params: Any, prompts: Sequence[str],
                        candidates: Sequence[Sequence[str]], *, inputs_length: int,
                        shots: Sequence[tuple[str, str]] = (), mode: str = '',
                        batch_size: int = 32, length_normalized: bool = False) -> list[int]:

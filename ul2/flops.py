@@ -43,11 +43,22 @@ def flops_per_step(cfg: network.Config, batch_size: int, inputs_length: int,
 
   Counts every matmul of attention (projections, scores, values, full not causal, as MFU
   conventions do), the MLP and the logits; embeddings lookups and norms are not counted.
+  A decoder-only model reads inputs and targets as one row of `inputs_length +
+  targets_length` (0 inputs for a causal LM) through its `num_decoder_layers` layers.
+
+  >>> cfg = network.Config(vocab_size=10, emb_dim=2, num_heads=1, head_dim=2, mlp_dim=4,
+  ...                      num_decoder_layers=1, architecture='decoder_only')
+  >>> flops_per_step(cfg, batch_size=1, inputs_length=3, targets_length=2)  # 6 x 5 tokens x 80 MACs
+  2400
   """
   e, f, v = cfg.emb_dim, cfg.mlp_dim, cfg.vocab_size
   hd = cfg.num_heads * cfg.head_dim
   mlp = (len(cfg.mlp_activations) + 1) * e * f
   li, lt = inputs_length, targets_length
+  if cfg.architecture == 'decoder_only':
+    n = li + lt
+    layers = n * cfg.num_decoder_layers * (4 * e * hd + 2 * n * hd + mlp)
+    return 3 * 2 * (layers + n * e * v) * batch_size
   encoder = li * cfg.num_encoder_layers * (4 * e * hd + 2 * li * hd + mlp)
   decoder = cfg.num_decoder_layers * (
       lt * (4 * e * hd + 2 * lt * hd)  # self-attention

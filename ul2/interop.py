@@ -45,8 +45,17 @@ _ATTENTION = {'query': 'q', 'key': 'k', 'value': 'v', 'out': 'o'}
 # Configs
 # ----------------------------------------------------------------------------------------------
 
+def _check_hf_architecture(config: network.Config) -> None:
+  if config.architecture != 'encoder_decoder':
+    raise ValueError(f'No Hugging Face export for a {config.architecture} model: transformers '
+                     'has no T5-style relative-position decoder-only class (T5 attention with '
+                     'relative-position buckets in a causal/prefix LM). Export it in T5X\'s '
+                     'layout instead: scripts/export_t5x.py.')
+
+
 def hf_config(config: network.Config) -> dict[str, Any]:
   """The `config.json` of a `T5ForConditionalGeneration` with this architecture."""
+  _check_hf_architecture(config)
   try:
     feed_forward_proj = _HF_ACTIVATIONS[tuple(config.mlp_activations)]
   except KeyError:
@@ -105,6 +114,7 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> network.Config:
 
 def _hf_names(config: network.Config) -> dict[tuple[str, ...], tuple[str, bool]]:
   """Our parameter path -> (HF name, transpose?)."""
+  _check_hf_architecture(config)
   names = {('token_embedder', 'embedding'): ('shared.weight', False)}
   mlp_names = ['wi_0', 'wi_1'] if len(config.mlp_activations) > 1 else ['wi']
   for stack, layers in (('encoder', config.num_encoder_layers),

@@ -99,6 +99,12 @@ class Config:
   relative_attention_max_distance: int = 128
   float32_attention_logits: bool = True  # softmax in float32 even for bfloat16 activations
   layer_norm_epsilon: float = 1e-6
+  # 'encoder_decoder' (T5, UL2) or 'decoder_only' (T5X's decoder_only example: one stack of
+  # num_decoder_layers layers without cross-attention; num_encoder_layers is unused).
+  architecture: str = 'encoder_decoder'
+  # decoder_only: True, a prefix LM (the inputs that seqio's PrefixLMFeatureConverter marks in
+  # decoder_causal_attention attend to each other both ways); False, causal throughout.
+  prefix_lm: bool = True
   # Large models: one scanned layer per stack compiles in constant time; remat trades
   # recomputation for activation memory ('none', 'minimal' or 'full'). Pair remat with scan:
   # without scan, XLA schedules the recomputation early and remat saves little (README,
@@ -127,6 +133,9 @@ class Config:
     if self.dtype not in _DTYPES:
       raise ValueError(f"network.Config.dtype must be one of {sorted(_DTYPES)}, got "
                        f'{self.dtype!r}.')
+    if self.architecture not in ('encoder_decoder', 'decoder_only'):
+      raise ValueError("network.Config.architecture (gin: MODEL_ARCH) must be 'encoder_decoder'"
+                       f" or 'decoder_only', got {self.architecture!r}.")
     if self.remat_policy not in _REMAT_POLICIES:
       raise ValueError(f'network.Config.remat_policy must be one of {sorted(_REMAT_POLICIES)},'
                        f' got {self.remat_policy!r}.')
@@ -274,7 +283,9 @@ class MultiHeadDotProductAttention(nn.Module):
 
   In decode mode the first call (from `model.init`, or `init_decoding_cache`) sizes the cache
   from the full-length inputs; later calls take one token per sequence, write its key and value
-  at `cache_index` and attend to positions `<= cache_index`.
+  at the row's `cache_index` and attend to positions `<= cache_index`. A call with
+  `prefill_lengths` [batch] instead fills the cache with a whole prompt in one pass (a
+  decoder-only model's inputs) and sets each row's `cache_index` to its value.
   """
 
   num_heads: int
@@ -287,7 +298,7 @@ class MultiHeadDotProductAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None = None,
-               bias: Array | None = None) -> Array:
+               bias: Array | None = None, prefill_lengths: Array | None = None) -> Array:
     kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
     # NOTE: T5 does not divide the logits by sqrt(head_dim); the factor is folded into the
     # query initialiser instead, so a trained T5 checkpoint and this code agree.
@@ -310,24 +321,34 @@ class MultiHeadDotProductAttention(nn.Module):
       is_initialized = self.has_variable('cache', 'cached_key')
       cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
       cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
-      cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
-      if is_initialized:
+      # One write position per row: prompts of a decoder-only model differ in length.
+      cache_index = self.variable('cache', 'cache_index', jnp.zeros, (batch,), jnp.int32)
+      if is_initialized and prefill_lengths is not None:
+        # Prefill: the prompt's keys and values fill positions [0, q_length) in one pass,
+        # attending with the caller's mask; row b's next step writes at prefill_lengths[b].
+        cached_key.value = jax.lax.dynamic_update_slice(
+            cached_key.value, key.astype(cached_key.value.dtype), (0, 0, 0, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(
+            cached_value.value, value.astype(cached_value.value.dtype), (0, 0, 0, 0))
+        cache_index.value = prefill_lengths.astype(jnp.int32)
+        if bias is not None:  # [1, heads, max_length, max_length] -> the prompt's block
+          bias = bias[:, :, :q_length, :q_length]
+      elif is_initialized:
         max_length = cached_key.value.shape[1]
         if q_length != 1:
           raise ValueError(f'Cached decoding takes one token per step, got {q_length}.')
-        index = cache_index.value
-        key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                           (0, index, 0, 0))
-        value = jax.lax.dynamic_update_slice(cached_value.value,
-                                             value.astype(cached_value.value.dtype),
-                                             (0, index, 0, 0))
+        index = cache_index.value  # [batch]
+        write = jax.vmap(lambda cache, new, i: jax.lax.dynamic_update_slice_in_dim(
+            cache, new, i, axis=0))
+        key = write(cached_key.value, key.astype(cached_key.value.dtype), index)
+        value = write(cached_value.value, value.astype(cached_value.value.dtype), index)
         cached_key.value, cached_value.value = key, value
         cache_index.value = index + 1
-        # The step's query sees every cached position up to and including its own.
-        step_mask = (jnp.arange(max_length) <= index)[None, None, None, :]
+        # Each row's query sees every cached position up to and including its own.
+        step_mask = (jnp.arange(max_length)[None, :] <= index[:, None])[:, None, None, :]
         mask = step_mask if mask is None else jnp.logical_and(mask, step_mask)
-        if bias is not None:  # [1, heads, max_length, max_length] -> this step's row
-          bias = jax.lax.dynamic_slice_in_dim(bias, index, 1, axis=-2)
+        if bias is not None:  # [1, heads, max_length, max_length] -> [batch, heads, 1, max]
+          bias = jnp.swapaxes(jnp.take(bias[0], index, axis=1), 0, 1)[:, :, None, :]
 
     logits_dtype = jnp.float32 if self.float32_logits else self.dtype
     # [batch, q, heads, kv] x [batch, k, heads, kv] -> [batch, heads, q, k]
@@ -409,25 +430,28 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+  """A decoder layer; without `encoded` (a decoder-only model) it has no cross-attention."""
+
   config: Config
   deterministic: bool = True
   decode: bool = False
   scanned: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, encoded: Array, self_mask: Array | None, cross_mask: Array,
-               bias: Array):
+  def __call__(self, x: Array, encoded: Array | None, self_mask: Array | None,
+               cross_mask: Array | None, bias: Array, prefill_lengths: Array | None = None):
     cfg = self.config
     norm = functools.partial(RMSNorm, cfg.layer_norm_epsilon, cfg.activation_dtype)
     # [batch, length, embed]
     y = norm(name='pre_self_attention_layer_norm')(x)
     y = _attention(cfg, self.deterministic, decode=self.decode, name='self_attention')(
-        y, y, mask=self_mask, bias=bias)
+        y, y, mask=self_mask, bias=bias, prefill_lengths=prefill_lengths)
     x = x + _dropout(cfg, self.deterministic)(y)
-    y = norm(name='pre_cross_attention_layer_norm')(x)
-    y = _attention(cfg, self.deterministic, name='encoder_decoder_attention')(
-        y, encoded, mask=cross_mask)
-    x = x + _dropout(cfg, self.deterministic)(y)
+    if encoded is not None:
+      y = norm(name='pre_cross_attention_layer_norm')(x)
+      y = _attention(cfg, self.deterministic, name='encoder_decoder_attention')(
+          y, encoded, mask=cross_mask)
+      x = x + _dropout(cfg, self.deterministic)(y)
     x = _mlp_sublayer(cfg, self.deterministic, x)
     return (x, None) if self.scanned else x
 
@@ -505,16 +529,23 @@ class Decoder(nn.Module):
     y = _constrain(_dropout(cfg, deterministic)(y), ('batch', 'length', 'embed'))
     y = _layer_stack(cfg, DecoderLayer, cfg.num_decoder_layers, 4, deterministic=deterministic,
                      decode=decode)(y, encoded, self_mask, cross_mask, bias)
-    y = RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name='decoder_norm')(y)
-    y = _dropout(cfg, deterministic)(y)
-    # [batch, length, embed] -> [batch, length, vocab], float32
-    if cfg.logits_via_embedding:
-      # Tied logits are rescaled: the embedding was initialised with stddev 1, not 1/sqrt(E).
-      logits = self.shared_embedding.attend(y) / np.sqrt(y.shape[-1])
-    else:
-      logits = Dense(cfg.vocab_size, ('embed', 'vocab'), dtype=jnp.float32,
-                     name='logits_dense')(y)
-    return _constrain(logits, ('batch', 'length', 'vocab'))
+    return _output_logits(cfg, deterministic, self.shared_embedding, y)
+
+
+def _output_logits(cfg: Config, deterministic: bool, embedder: Embed, y: Array) -> Array:
+  """Final norm, dropout and logits of a decoder stack (called from its compact `__call__`).
+
+  [batch, length, embed] -> [batch, length, vocab], float32.
+  """
+  y = RMSNorm(cfg.layer_norm_epsilon, cfg.activation_dtype, name='decoder_norm')(y)
+  y = _dropout(cfg, deterministic)(y)
+  if cfg.logits_via_embedding:
+    # Tied logits are rescaled: the embedding was initialised with stddev 1, not 1/sqrt(E).
+    logits = embedder.attend(y) / np.sqrt(y.shape[-1])
+  else:
+    logits = Dense(cfg.vocab_size, ('embed', 'vocab'), dtype=jnp.float32,
+                   name='logits_dense')(y)
+  return _constrain(logits, ('batch', 'length', 'vocab'))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -599,9 +630,132 @@ class Transformer(nn.Module):
                        enable_dropout, decode)
 
 
+# ----------------------------------------------------------------------------------------------
+# The decoder-only model
+# ----------------------------------------------------------------------------------------------
+
+def decoder_only_mask(decoder_target_tokens: Array, decoder_causal_attention: Array | None = None,
+                      decoder_segment_ids: Array | None = None) -> Array:
+  """Self-attention mask [batch, 1, length, length] of a decoder-only model (T5X's
+  `make_decoder_mask`): causal, except that positions marked in `decoder_causal_attention`
+  (the inputs of a prefix LM) see each other both ways; never padding (target 0) or another
+  packed segment.
+
+  seqio's `PrefixLMFeatureConverter` marks the inputs and one position more (the one that
+  reads the last input token and predicts the first target):
+
+  >>> targets = jnp.array([[6, 7, 8, 3, 4, 5, 0]])
+  >>> mask = decoder_only_mask(targets, jnp.array([[1, 1, 0, 1, 1, 0, 0]]),
+  ...                          jnp.array([[1, 1, 1, 2, 2, 2, 0]]))
+  >>> np.asarray(mask[0, 0]).astype(int).tolist()
+  [[1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0, 0]]
+  """
+  mask = nn.make_causal_mask(decoder_target_tokens)
+  if decoder_causal_attention is not None:
+    prefix = nn.make_attention_mask(decoder_causal_attention, decoder_causal_attention,
+                                    jnp.logical_and)
+    mask = jnp.logical_or(mask, prefix).astype(jnp.float32)
+  mask = nn.combine_masks(mask, nn.make_attention_mask(decoder_target_tokens > 0,
+                                                       decoder_target_tokens > 0))
+  if decoder_segment_ids is not None:
+    mask = nn.combine_masks(mask, nn.make_attention_mask(decoder_segment_ids,
+                                                         decoder_segment_ids, jnp.equal))
+  return mask
+
+
+class DecoderOnlyStack(nn.Module):
+  """T5X's decoder-only `Decoder`: embedding, one causal relative-position table shared by the
+  layers, decoder layers without cross-attention, final norm and logits."""
+
+  config: Config
+
+  @nn.compact
+  def __call__(self, decoder_input_tokens: Array, mask: Array | None,
+               deterministic: bool = True, decode: bool = False,
+               max_decode_length: int | None = None,
+               prefill_lengths: Array | None = None) -> Array:
+    cfg = self.config
+    length = decoder_input_tokens.shape[1]
+    if decode and max_decode_length is not None:  # the cache's length
+      length = max_decode_length
+    embedder = Embed(cfg.vocab_size, cfg.emb_dim, cfg.activation_dtype, name='token_embedder')
+    # Causal buckets also inside a prefix-LM's bidirectional inputs, as T5X has it.
+    bias = RelativePositionBiases(cfg.relative_attention_num_buckets,
+                                  cfg.relative_attention_max_distance, cfg.num_heads,
+                                  cfg.activation_dtype, name='relpos_bias')(length, length, False)
+    # [batch, length] -> [batch, length, embed]
+    y = embedder(decoder_input_tokens.astype(jnp.int32))
+    y = _constrain(_dropout(cfg, deterministic)(y), ('batch', 'length', 'embed'))
+    y = _layer_stack(cfg, DecoderLayer, cfg.num_decoder_layers, 5, deterministic=deterministic,
+                     decode=decode)(y, None, mask, None, bias, prefill_lengths)
+    return _output_logits(cfg, deterministic, embedder, y)
+
+
+class DecoderOnly(nn.Module):
+  """The decoder-only model (T5X's `decoder_only` example, everything under `decoder/`).
+
+  `__call__` takes the features of seqio's `DecoderFeatureConverter`: a causal LM over text
+  (`LMFeatureConverter`), or a prefix LM over inputs + targets (`PrefixLMFeatureConverter`,
+  whose `decoder_causal_attention` makes attention over the inputs bidirectional).
+
+  >>> model = DecoderOnly(Config(vocab_size=128, emb_dim=16, num_heads=2, head_dim=8,
+  ...                            mlp_dim=32, num_decoder_layers=1, architecture='decoder_only'))
+  >>> targets = jnp.array([[5, 6, 7, 1]])
+  >>> inputs = jnp.array([[0, 5, 6, 7]])  # targets shifted right after the start token 0
+  >>> variables = model.init(jax.random.key(0), inputs, targets)
+  >>> model.apply(variables, inputs, targets).shape
+  (1, 4, 128)
+  """
+
+  config: Config
+
+  def setup(self):
+    self.decoder = DecoderOnlyStack(self.config)
+
+  def __call__(self, decoder_input_tokens: Array, decoder_target_tokens: Array,
+               decoder_segment_ids: Array | None = None,
+               decoder_positions: Array | None = None,
+               decoder_causal_attention: Array | None = None,
+               enable_dropout: bool = False, decode: bool = False,
+               max_decode_length: int | None = None,
+               prefill_lengths: Array | None = None) -> Array:
+    """Logits [batch, length, vocab] (float32).
+
+    Three modes. Teacher forcing (`decode=False`): every position at once.
+    Prefill (`decode=True` with `prefill_lengths` [batch], `mutable=['cache']`): a prompt
+    [batch, P] fills the key/value cache in one pass with the same mask as teacher forcing
+    (`decoder_target_tokens` > 0 marks the prompt's real positions); row b's next step writes
+    at position `prefill_lengths[b]`. Step (`decode=True`): one token per row, against the
+    cache. `max_decode_length` is the cache's length in both decode modes.
+    """
+    del decoder_positions  # relative attention sees distances only
+    if not self.config.prefix_lm:
+      decoder_causal_attention = None
+    mask = None
+    if not decode or prefill_lengths is not None:
+      mask = decoder_only_mask(decoder_target_tokens, decoder_causal_attention,
+                               decoder_segment_ids)
+    return self.decoder(decoder_input_tokens, mask, deterministic=not enable_dropout,
+                        decode=decode, max_decode_length=max_decode_length,
+                        prefill_lengths=prefill_lengths)
+
+
+ARCHITECTURES = {'encoder_decoder': Transformer, 'decoder_only': DecoderOnly}
+Model = Transformer | DecoderOnly  # what `build` returns
+
+
+def build(config: Config) -> Model:
+  """The flax module of `config.architecture`.
+
+  >>> type(build(Config(architecture='decoder_only'))).__name__
+  'DecoderOnly'
+  """
+  return ARCHITECTURES[config.architecture](config)
+
+
 MODEL_FEATURES = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens',
                   'encoder_segment_ids', 'decoder_segment_ids', 'encoder_positions',
-                  'decoder_positions')
+                  'decoder_positions', 'decoder_causal_attention')
 
 
 def model_inputs(batch: Mapping[str, Array]) -> dict[str, Array]:
@@ -613,17 +767,22 @@ def model_inputs(batch: Mapping[str, Array]) -> dict[str, Array]:
 # Decoding cache and scoring
 # ----------------------------------------------------------------------------------------------
 
-def init_decoding_cache(model: Transformer, batch_size: int, inputs_length: int,
+def init_decoding_cache(model: Model, batch_size: int, inputs_length: int,
                         max_decode_length: int) -> Any:
   """A zero key/value cache for `max_decode_length` decoding steps, without running the model.
+
+  A decoder-only model's cache holds its prompt too: `max_decode_length` is then the prompt's
+  length plus the steps, and `inputs_length` is unused.
 
   Pass it as `{'params': params, 'cache': cache}` to `model.apply(..., method='decode',
   decode=True, max_decode_length=max_decode_length, mutable=['cache'])`, one token per step,
   starting with the decoder start token 0.
   """
   def init(rng):
-    encoder_tokens = jnp.ones((batch_size, inputs_length), jnp.int32)
     decoder_tokens = jnp.ones((batch_size, max_decode_length), jnp.int32)
+    if isinstance(model, DecoderOnly):
+      return model.init(rng, decoder_tokens, decoder_tokens, decode=True)
+    encoder_tokens = jnp.ones((batch_size, inputs_length), jnp.int32)
     return model.init(rng, encoder_tokens, decoder_tokens, decoder_tokens, decode=True)
   shapes = jax.eval_shape(init, jax.random.key(0))['cache']
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -719,7 +878,9 @@ def init_params(config: Config, rng: Array, *, boxed: bool = False) -> Any:
   (4, 8)
   """
   tokens = jnp.ones((1, 1), jnp.int32)
-  params = Transformer(config).init(rng, tokens, tokens, tokens)['params']
+  model = build(config)
+  args = (tokens,) * (3 if isinstance(model, Transformer) else 2)
+  params = model.init(rng, *args)['params']
   return params if boxed else nn.meta.unbox(params)
 
 

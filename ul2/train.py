@@ -240,7 +240,7 @@ def state_shardings(config: network.Config, tx: optax.GradientTransformation, me
                     adafactor.state_shardings(opt_shapes, params, replicated))
 
 
-def make_train_step(model: network.Transformer, tx: optax.GradientTransformation,
+def make_train_step(model: network.Model, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, run: TrainConfig
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """`train_step(state, batch) -> (state, metrics)`, pure: the dropout key is derived from
@@ -298,7 +298,7 @@ def make_train_step(model: network.Transformer, tx: optax.GradientTransformation
   return train_step
 
 
-def make_eval_step(model: network.Transformer, z_loss: float) -> Callable[[Any, Batch], dict]:
+def make_eval_step(model: network.Model, z_loss: float) -> Callable[[Any, Batch], dict]:
   def eval_step(params, batch):
     logits = model.apply({'params': params}, **network.model_inputs(batch))
     return loss_sums(logits, batch['decoder_target_tokens'], batch['decoder_loss_weights'],
@@ -315,7 +315,7 @@ class CompiledRun:
   """The jitted, sharded functions of a run on its mesh (what `compile_run` builds)."""
 
   mesh: Mesh
-  model: network.Transformer
+  model: network.Model
   optimizer: optax.GradientTransformation
   shardings: TrainState
   per_layer_param_shardings: Any  # the checkpoint layout (T5X per-layer names)
@@ -343,7 +343,7 @@ def compile_run(model: network.Config, optimizer: OptimizerConfig, run: TrainCon
     per_layer = param_shardings(dataclasses.replace(model, scan_layers=False), device_mesh,
                                 rules)
   batch_sharding = partitioning.data_sharding(device_mesh)
-  net = network.Transformer(model)
+  net = network.build(model)
 
   def in_mesh(fn):
     @functools.wraps(fn)
@@ -399,7 +399,7 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
   if batches is None:
     say(f'Building the input pipeline of {data.task}'
         + (f' (validation: its {data.eval_split} split)' if data.eval_split else '') + '...')
-  inputs = _Inputs.build(data, run, batches, log)
+  inputs = _Inputs.build(data, run, batches, log, model.architecture)
   checkpoints = checkpoints_lib.Checkpoints(run.model_dir, model, run.keep_checkpoints,
                                             run.async_checkpointing)
   state = _initial_state(compiled, checkpoints, inputs, model, run, log)
@@ -529,16 +529,17 @@ class _Inputs:
   @classmethod
   def build(cls, data: data_lib.DataConfig, run: TrainConfig,
             batches: Iterator[dict[str, np.ndarray]] | None,
-            log: Callable[[str], None]) -> _Inputs:
+            log: Callable[[str], None], architecture: str) -> _Inputs:
     if batches is not None:
       return cls(batches, None, None)
     pipeline = data_lib.HostBatches(
-        data_lib.make_datasets(data, 'train', run.seed, repeat=True, shuffle=data.shuffle),
-        data_lib.input_layout(data, run.seed))
+        data_lib.make_datasets(data, 'train', run.seed, repeat=True, shuffle=data.shuffle,
+                               architecture=architecture),
+        data_lib.input_layout(data, run.seed, architecture))
     validation = None
     if data.eval_split:
       eval_sets = data_lib.make_datasets(data, data.eval_split, seed=0, repeat=False,
-                                         shuffle=False)
+                                         shuffle=False, architecture=architecture)
       validation = [b for _, b in zip(range(run.eval_batches),
                                       data_lib.HostBatches(eval_sets))]
       if not validation:
@@ -584,7 +585,7 @@ def _validate(compiled: CompiledRun, params: Any,
           'accuracy': float(totals['correct']) / weight}
 
 
-def _task_metrics(net: network.Transformer, params: Any, data: data_lib.DataConfig,
+def _task_metrics(net: network.Model, params: Any, data: data_lib.DataConfig,
                   run: TrainConfig) -> tuple[dict[str, float], str]:
   from ul2 import evaluation
   return evaluation.evaluate_during_training(
@@ -620,9 +621,9 @@ class _Records:
   def __init__(self, run: TrainConfig, model: network.Config, data: data_lib.DataConfig,
                mesh: Mesh, start: int, summaries: bool, log: Callable[[str], None]):
     lengths = data.feature_lengths
-    self.flops = flops_lib.flops_per_step(model, data.batch_size, lengths['inputs'],
+    self.flops = flops_lib.flops_per_step(model, data.batch_size, lengths.get('inputs', 0),
                                           lengths['targets'])
-    self.tokens_per_step = data.batch_size * (lengths['inputs'] + lengths['targets'])
+    self.tokens_per_step = data.batch_size * (lengths.get('inputs', 0) + lengths['targets'])
     self.devices = mesh.devices.size
     self.peak = run.peak_flops_per_device or flops_lib.peak_flops(mesh.devices.flat[0])
     is_chief = jax.process_index() == 0
