@@ -5,6 +5,7 @@ T5ForConditionalGeneration doing the same training step in the same run.
     python scripts/bench_train.py --model=base --batch_size=32 --inputs_length=512 \\
         --targets_length=512 --dtypes=bfloat16 --synthetic --no_torch   # on a GPU: MFU
     python scripts/bench_train.py --model=large ... --gin.network.Config.remat_policy="'minimal'"
+    python scripts/bench_train.py --model=decoder_only_cpu      # decoder-only (no HF peer)
     bash scripts/bench_gpu.sh                                  # T5 1.1 base + large on one GPU
 
 Both sides run the same architecture (gated GELU or SiLU, untied logits, relative position
@@ -68,18 +69,28 @@ def model_config(name: str, dtype: str, bindings: Sequence[str] = ()) -> network
   return gin_cli.macro('MODEL_CONFIG')
 
 
-def make_batches(args, vocab_size: int, count: int) -> list[dict[str, np.ndarray]]:
-  """`count` host batches with the feature converter's keys."""
+def make_batches(args, cfg: network.Config, count: int) -> list[dict[str, np.ndarray]]:
+  """`count` host batches with the feature converter's keys (a decoder-only model's: one row
+  of inputs + targets, as seqio's PrefixLMFeatureConverter makes it)."""
   if args.synthetic:
     rng = np.random.default_rng(0)
+    shift = lambda x: np.pad(x, ((0, 0), (1, 0)))[:, :-1].astype(np.int32)
     out = []
     for _ in range(count):
-      inputs = rng.integers(2, min(vocab_size, 32000), (args.batch_size, args.inputs_length))
-      targets = rng.integers(2, min(vocab_size, 32000), (args.batch_size, args.targets_length))
+      inputs = rng.integers(2, min(cfg.vocab_size, 32000), (args.batch_size, args.inputs_length))
+      targets = rng.integers(2, min(cfg.vocab_size, 32000),
+                             (args.batch_size, args.targets_length))
+      if cfg.architecture == 'decoder_only':
+        row = np.concatenate([inputs, targets], axis=1).astype(np.int32)
+        position = np.arange(row.shape[1])[None].repeat(args.batch_size, 0)
+        out.append({'decoder_target_tokens': row, 'decoder_input_tokens': shift(row),
+                    'decoder_loss_weights': (position >= args.inputs_length).astype(np.int32),
+                    'decoder_causal_attention': (position <= args.inputs_length)
+                                                .astype(np.int32)})
+        continue
       out.append({'encoder_input_tokens': inputs.astype(np.int32),
                   'decoder_target_tokens': targets.astype(np.int32),
-                  'decoder_input_tokens': np.pad(targets, ((0, 0), (1, 0)))[:, :-1]
-                                          .astype(np.int32),
+                  'decoder_input_tokens': shift(targets),
                   'decoder_loss_weights': np.ones_like(targets, np.float32)})
     return out
   import ul2_tasks  # noqa: F401  (TensorFlow and seqio: only without --synthetic)
@@ -87,7 +98,8 @@ def make_batches(args, vocab_size: int, count: int) -> list[dict[str, np.ndarray
                                                    'targets': args.targets_length},
                              batch_size=args.batch_size, pack=False)
   batches = data_lib.HostBatches(data_lib.make_datasets(data, 'train', 0, repeat=True,
-                                                        shuffle=False))
+                                                        shuffle=False,
+                                                        architecture=cfg.architecture))
   return [next(batches) for _ in range(count)]
 
 
@@ -184,7 +196,11 @@ def main(argv=None):
   for dtype in args.dtypes.split(','):
     cfg = model_config(args.model, dtype, args.bindings)
     if batches is None:
-      batches = make_batches(args, cfg.vocab_size, 4)
+      batches = make_batches(args, cfg, 4)
+    if cfg.architecture != 'encoder_decoder' and not args.no_torch:
+      print(f'No PyTorch peer for a {cfg.architecture} model: transformers has no T5-style '
+            'relative-position decoder-only class.')
+      args.no_torch = True
     entry = {'jax': bench_jax(cfg, args, batches)}
     line = (f'{dtype:>9}  ul2/JAX {entry["jax"]["tokens_per_s"]:>10,.0f} tokens/s '
             f'({entry["jax"]["seconds_per_step"]:.3f} s/step')

@@ -46,6 +46,9 @@ def closed_form_count(cfg: network.Config) -> int:
   encoder_layer = 2 * e + attention + mlp  # 2 norms
   decoder_layer = 3 * e + 2 * attention + mlp  # 3 norms, self + cross attention
   relpos = cfg.num_heads * cfg.relative_attention_num_buckets
+  logits = 0 if cfg.logits_via_embedding else e * v
+  if cfg.architecture == 'decoder_only':  # one stack of encoder-shaped layers (no cross)
+    return v * e + relpos + cfg.num_decoder_layers * encoder_layer + e + logits
   return (v * e
           + relpos + cfg.num_encoder_layers * encoder_layer + e
           + relpos + cfg.num_decoder_layers * decoder_layer + e

@@ -252,7 +252,8 @@ def test_flop_count_matches_a_hand_count():
 
 RUN_FILES = sorted(glob.glob(os.path.join(gin_cli.GIN_DIR, 'experiments', '*.gin'))) + [
     os.path.join(gin_cli.GIN_DIR, 'quickstart.gin'),
-    os.path.join(gin_cli.GIN_DIR, 'quickstart_finetune.gin')]
+    os.path.join(gin_cli.GIN_DIR, 'quickstart_finetune.gin'),
+    os.path.join(gin_cli.GIN_DIR, 'quickstart_decoder_only.gin')]
 
 
 def bound_configs():
@@ -375,7 +376,11 @@ def test_bench_train_synthetic_runs_without_tensorflow_or_seqio(tmp_path):
           'builtins.__import__ = guard\n'
           'import bench_train\n'
           f'bench_train.main(["--model=tiny", "--steps=2", "--warmup=1", "--synthetic", '
-          f'"--no_torch", "--dtypes=float32,bfloat16", "--json={out}"])\n')
+          f'"--no_torch", "--dtypes=float32,bfloat16", "--json={out}"])\n'
+          # The decoder-only model through the same script (its own synthetic rows).
+          f'bench_train.main(["--model=tiny", "--gin.MODEL_ARCH=\'decoder_only\'", '
+          f'"--steps=2", "--warmup=1", "--synthetic", "--dtypes=float32", '
+          f'"--json={out}.decoder_only"])\n')
   proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -383,6 +388,9 @@ def test_bench_train_synthetic_runs_without_tensorflow_or_seqio(tmp_path):
   for dtype in ('float32', 'bfloat16'):
     jax_run = report['runs'][dtype]['jax']
     assert jax_run['tokens_per_s'] > 0 and np.isfinite(jax_run['final_loss'])
+  decoder_only = json.loads((tmp_path / 'bench.json.decoder_only').read_text())
+  assert np.isfinite(decoder_only['runs']['float32']['jax']['final_loss'])
+  assert 'No PyTorch peer for a decoder_only model' in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------

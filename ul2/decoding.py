@@ -305,6 +305,8 @@ def prefix_lm_rows(inputs: jax.Array, targets: jax.Array) -> dict[str, jax.Array
   {'decoder_target_tokens': [9, 4, 1, 3, 1, 0], 'decoder_input_tokens': [0, 9, 4, 1, 3, 1],
    'decoder_loss_weights': [0, 0, 0, 1, 1, 0], 'decoder_causal_attention': [1, 1, 1, 1, 0, 0]}
   """
+  if inputs.shape[1] == 0:  # no inputs at all (a causal LM): one padding column
+    inputs = jnp.zeros((inputs.shape[0], 1), jnp.int32)
   li, lt = inputs.shape[1], targets.shape[1]
   n = jnp.sum(inputs > 0, axis=1, keepdims=True)  # [rows, 1]
   pos = jnp.arange(li + lt)[None, :]

@@ -1,4 +1,4 @@
-"""The T5 v1.1 / UL2 encoder-decoder network, with exactly T5X's parameter tree.
+"""The T5 v1.1 / UL2 networks, encoder-decoder and decoder-only, with exactly T5X's trees.
 
 UL2 is T5 v1.1 with a gated-SiLU MLP. The family (reference §2): pre-norm RMSNorm with a scale
 only, no biases, a gated MLP (`wi_0` activation x `wi_1` linear, then `wo`), one T5 relative
@@ -32,6 +32,23 @@ The names in parentheses are the logical axes each parameter carries (`nn.Logica
 boxes); `ul2.partitioning` maps them onto a device mesh. With `scan_layers=True` the layers of a
 stack live under one `layers` entry with a leading `layers` axis; `unstack_layers` /
 `stack_layers` convert between the two trees, so checkpoints always use the per-layer names.
+
+The decoder-only model (`architecture='decoder_only'`, `DecoderOnly`) has T5X's
+`decoder_only` example's tree: everything under `decoder/`, the same blocks without
+cross-attention, one causal relative-position table, `num_decoder_layers` layers:
+
+    decoder/token_embedder/embedding                           (vocab, embed)
+    decoder/relpos_bias/rel_embedding                          (heads, relpos_buckets)
+    decoder/layers_0/pre_self_attention_layer_norm/scale       (embed,)
+    decoder/layers_0/self_attention/{query,key,value,out}/kernel
+    decoder/layers_0/pre_mlp_layer_norm/scale                  (embed,)
+    decoder/layers_0/mlp/{wi_0,wi_1,wo}/kernel
+    decoder/decoder_norm/scale                                 (embed,)
+    decoder/logits_dense/kernel                                (embed, vocab)   untied only
+
+It takes seqio's `DecoderFeatureConverter` features (`decoder_input_tokens`,
+`decoder_target_tokens`, and `decoder_causal_attention` for a prefix LM). `build(config)` gives
+either model.
 
 Inputs are the features seqio's `EncDecFeatureConverter` produces, unchanged:
 `encoder_input_tokens`, `decoder_input_tokens`, `decoder_target_tokens` and, for packed rows,

@@ -13,7 +13,6 @@ import os
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 from t5x.examples.decoder_only import network as t5x_network
 
