@@ -34,7 +34,8 @@ def results_table(results, average, failed=()) -> str:
     metrics = ', '.join(f'{k} {v:.1f}' for k, v in r['metrics'].items())
     lines.append(f'| {r["task"]} | {r["split"]} | {r["examples"]} | {r["method"]} | {metrics} | '
                  f'{r["score"]:.1f} |')
-  lines.append(f'| **average** ({len([r for r in results if r["in_average"]])} tasks) | | | | | '
+  counted = len([r for r in results if r['in_average']])
+  lines.append(f'| **average** ({counted} task{"" if counted == 1 else "s"}) | | | | | '
                f'**{average:.1f}** |')
   for task, error in failed:
     lines.append(f'| {task} | failed | | | {error} | |')

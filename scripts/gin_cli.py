@@ -65,6 +65,9 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = (),
     if not os.path.exists(path):
       raise FileNotFoundError(f'gin file {path!r} not found, neither as given nor under '
                               f'{GIN_DIR}; pass e.g. --gin_file=models/tiny.gin')
+    if is_t5x_model_gin(path):  # T5X's (or flaxformer's) model gin: its ul2 equivalent
+      resolved.append(_write_temporary(path, t5x_model_gin_as_ul2(path)))
+      continue
     resolved.append(path if os.path.dirname(os.path.abspath(path)) == GIN_DIR
                     or os.path.abspath(path).startswith(GIN_DIR + os.sep) else _with_imports(path))
   try:
@@ -106,10 +109,166 @@ def _with_imports(path: str) -> str:
   at = registration[0] + 1 if registration else 0
   added = ([] if registration else ['from __gin__ import dynamic_registration\n']) + [
       f'from ul2 import {m}\n' for m in missing]
+  return _write_temporary(path, ''.join(lines[:at] + added + lines[at:]))
+
+
+def _write_temporary(path: str, text: str) -> str:
+  """A temporary gin file named like `path` holding `text`."""
   copy = os.path.join(tempfile.mkdtemp(prefix='ul2_gin_'), os.path.basename(path))
   with open(copy, 'w', encoding='utf-8') as f:
-    f.write(''.join(lines[:at] + added + lines[at:]))
+    f.write(text)
   return copy
+
+
+# ----------------------------------------------------------------------------------------------
+# T5X model gins read as ul2 model configs
+# ----------------------------------------------------------------------------------------------
+
+# T5X's `network.T5Config` (t5x/examples/t5, scalable_t5) and `network.TransformerConfig`
+# (t5x/examples/decoder_only) fields with the same name and meaning in `network.Config`.
+_T5X_SAME_FIELDS = ('vocab_size', 'emb_dim', 'num_heads', 'head_dim', 'mlp_dim',
+                    'num_encoder_layers', 'num_decoder_layers', 'mlp_activations',
+                    'logits_via_embedding', 'float32_attention_logits', 'scan_layers',
+                    'remat_policy')
+# Settings of how T5X partitions or runs a model, not of the model itself.
+_T5X_IGNORED_FIELDS = ('spmd_annotations',)
+# Flaxformer's architecture gins (the UL2 20B gin's kind) set the sizes as macros.
+_FLAXFORMER_MACROS = {'NUM_ENCODER_LAYERS': 'num_encoder_layers',
+                      'NUM_DECODER_LAYERS': 'num_decoder_layers', 'NUM_HEADS': 'num_heads',
+                      'HEAD_DIM': 'head_dim', 'EMBED_DIM': 'emb_dim', 'MLP_DIM': 'mlp_dim',
+                      'NUM_EMBEDDINGS': 'vocab_size'}
+
+
+class _Reference(tuple):
+  """A gin `@name()` / `@name` (kind '@') or `%NAME` (kind '%') in a parsed T5X gin file."""
+
+
+class _ParseOnly:
+  """gin's parser delegate that records references instead of resolving them: T5X, flaxformer
+  and their configurables need not be importable to read their gin files."""
+
+  def configurable_reference(self, name, evaluate):
+    return _Reference(('@', name, evaluate))
+
+  def macro(self, name):
+    return _Reference(('%', name))
+
+
+def is_t5x_model_gin(path: str) -> bool:
+  """Whether `path` is a T5X model gin (it configures T5X's or flaxformer's networks)."""
+  with open(path, encoding='utf-8') as f:
+    text = f.read()
+  return bool(re.search(r'\b(T5Config|TransformerConfig)\b|\bt5_architecture\.'
+                        r'|^\s*include\s+.(t5x/examples|flaxformer)/', text, re.M))
+
+
+def _t5x_statements(path: str, roots: Sequence[str], seen: tuple[str, ...] = ()):
+  """The binding statements of a T5X gin file, includes expanded in place. An include such as
+  't5x/examples/t5/t5_1_1/base.gin' is looked up under `roots` and under every folder above
+  `path` (a T5X or flaxformer checkout's root)."""
+  from gin import config_parser
+
+  with open(path, encoding='utf-8') as f:
+    text = f.read()
+  for statement in config_parser.ConfigParser(text, _ParseOnly()):
+    if isinstance(statement, config_parser.IncludeStatement):
+      above = [os.path.dirname(os.path.abspath(path))]
+      while os.path.dirname(above[-1]) != above[-1]:
+        above.append(os.path.dirname(above[-1]))
+      found = [os.path.join(r, statement.filename) for r in (*roots, *above)
+               if os.path.isfile(os.path.join(r, statement.filename))]
+      if not found:
+        raise SystemExit(f"error: {path}: include '{statement.filename}' not found under the "
+                         'folders above it; read the gin file where it lies in its T5X or '
+                         'flaxformer checkout (includes are looked up from there).')
+      if found[0] in seen:
+        raise SystemExit(f'error: {path}: includes {found[0]} in a cycle.')
+      yield from _t5x_statements(found[0], roots, seen + (found[0],))
+    elif isinstance(statement, config_parser.BindingStatement):
+      yield statement
+
+
+def read_t5x_model_gin(path: str, roots: Sequence[str] = ()) -> dict[str, Any]:
+  r"""The `network.Config` fields a T5X model gin sets, plus 'DROPOUT_RATE' and
+  'ACTIVATION_DTYPE' when it sets them to values (ul2's macros of the same names).
+
+  Reads T5X's `t5x/examples/t5/*/*.gin` (`network.T5Config`), the decoder-only example's
+  (`network.TransformerConfig`, `models.DecoderOnlyModel.inputs_bidirectional_attention`) and
+  flaxformer's (the UL2 20B gin's kind: size macros, `dense.MlpBlock.activations`, tied logits
+  when `t5_architecture.Decoder.output_logits_factory` is None). Later bindings win, as in gin.
+
+  >>> import tempfile; f = tempfile.NamedTemporaryFile('w', suffix='.gin', delete=False)
+  >>> _ = f.write("from t5x.examples.t5 import network\nDROPOUT_RATE = %gin.REQUIRED\n"
+  ...             "network.T5Config:\n  emb_dim = 512\n  mlp_activations = ('swish', 'linear')"
+  ...             "\n  dropout_rate = %DROPOUT_RATE\n  dtype = 'bfloat16'\n"); f.close()
+  >>> read_t5x_model_gin(f.name)
+  {'emb_dim': 512, 'mlp_activations': ('silu', 'linear'), 'ACTIVATION_DTYPE': 'bfloat16'}
+  """
+  macros, params = {}, {}
+  for st in _t5x_statements(path, roots):
+    if not st.arg_name and '.' not in st.selector:
+      macros[st.selector] = st.value
+    else:
+      params[(st.selector.rsplit('.', 1)[-1], st.arg_name)] = st.value
+
+  def value(v, depth=0):
+    while isinstance(v, _Reference) and v[0] == '%' and v[1] != 'gin.REQUIRED' and depth < 50:
+      v, depth = macros.get(v[1], _Reference(('%', 'gin.REQUIRED'))), depth + 1
+    return None if isinstance(v, _Reference) and v[0] == '%' else v
+
+  out: dict[str, Any] = {}
+  decoder_only = any(k[0] == 'TransformerConfig' for k in params)
+  config = 'TransformerConfig' if decoder_only else 'T5Config'
+  for (selector, name), v in params.items():
+    if selector != config:
+      continue
+    v = value(v)
+    if name in _T5X_SAME_FIELDS:
+      out[name] = v
+    elif name == 'num_layers' and decoder_only:
+      out['num_decoder_layers'] = v
+    elif name == 'dropout_rate':
+      if v is not None:
+        out['DROPOUT_RATE'] = v
+    elif name == 'dtype':
+      out['ACTIVATION_DTYPE'] = v
+    elif name not in _T5X_IGNORED_FIELDS:
+      raise SystemExit(f'error: {path}: {config}.{name} = {v!r} has no ul2 counterpart; '
+                       'remove it or write a gin_configs/models/*.gin by hand.')
+  for macro_name, field in _FLAXFORMER_MACROS.items():
+    if macro_name in macros and value(macros[macro_name]) is not None:
+      out[field] = value(macros[macro_name])
+  if any(k in macros for k in _FLAXFORMER_MACROS):
+    for macro_name, key in (('DROPOUT_RATE', 'DROPOUT_RATE'),
+                            ('ACTIVATION_DTYPE', 'ACTIVATION_DTYPE')):
+      if value(macros.get(macro_name)) is not None:
+        out[key] = value(macros[macro_name])
+    if ('MlpBlock', 'activations') in params:
+      out['mlp_activations'] = value(params[('MlpBlock', 'activations')])
+    out['logits_via_embedding'] = value(params.get(('Decoder', 'output_logits_factory'))) is None
+  if decoder_only:
+    out['architecture'] = 'decoder_only'
+    out['prefix_lm'] = bool(value(params.get(('DecoderOnlyModel',
+                                              'inputs_bidirectional_attention'))))
+  if not out:
+    raise SystemExit(f'error: {path}: no T5X model settings found (network.T5Config / '
+                     'TransformerConfig bindings or flaxformer size macros); is it a run gin?')
+  if 'mlp_activations' in out:  # T5X spells SiLU 'swish'
+    out['mlp_activations'] = tuple('silu' if a == 'swish' else a for a in out['mlp_activations'])
+  return out
+
+
+def t5x_model_gin_as_ul2(path: str, roots: Sequence[str] = ()) -> str:
+  """The gin_configs/models/*.gin text equivalent to a T5X model gin (`read_t5x_model_gin`)."""
+  fields = read_t5x_model_gin(path, roots)
+  macros = {k: fields.pop(k) for k in ('DROPOUT_RATE', 'ACTIVATION_DTYPE', 'architecture')
+            if k in fields}
+  lines = [f'# ul2 equivalent of the T5X model gin {path}', "include 'models/t5_1_1.gin'", '']
+  if 'architecture' in macros:
+    lines.append(f"MODEL_ARCH = {macros.pop('architecture')!r}")
+  lines += [f'{k} = {v!r}' for k, v in macros.items()]
+  lines += ['', 'network.Config:'] + [f'  {k} = {v!r}' for k, v in fields.items()]
+  return '\n'.join(lines) + '\n'
 
 
 def import_modules(names: Sequence[str]) -> None:
