@@ -12,6 +12,14 @@ config comes from model_config.json / config.json or `--gin_file=models/<size>.g
 WSC (whose model names the referent). With `--best`, the mode token and the method default to
 those the fine-tuning run selected its best parameters with (best.json).
 
+Per-denoiser validation of a pretrained model (what training reports at each validation):
+`--by_denoiser ul2_mod_gutenberg` gives loss and token accuracy on fixed validation streams of
+that task's corpus, one per UL2 denoiser, and per mode ([NLU], [S2S], [NLG]), instead of
+SuperGLUE; `--denoiser_batches` batches of `--batch_size` each.
+
+    python scripts/eval.py --checkpoint runs/quickstart --by_denoiser ul2_mod_gutenberg \
+        --inputs_length 128 --targets_length 128 --batch_size 16
+
 Leaderboard files: `--split test --submission DIR` writes DIR/<Task>.jsonl (AX-b and AX-g
 added) and DIR.zip; `--predictions` writes OUTPUT/predictions/<task>.jsonl for any split.
 A task that fails (a missing file, a bad record) is listed in the table; the others' results
@@ -40,6 +48,38 @@ def results_table(results, average, failed=()) -> str:
   for task, error in failed:
     lines.append(f'| {task} | failed | | | {error} | |')
   return '\n'.join(lines) + '\n'
+
+
+def by_denoiser(args) -> dict:
+  """--by_denoiser: the per-denoiser and per-mode table of a checkpoint."""
+  data.hide_accelerators_from_tensorflow()
+  import ul2_tasks  # noqa: F401  (the corpus tasks)
+  gin_cli.import_modules(args.module)
+  from ul2 import checkpoints, train
+  params, config = checkpoints.load(args.checkpoint, gin_cli.model_config(args.gin_file),
+                                    args.ignore_extra_params)
+  data.check_task(args.by_denoiser)
+  config_data = data.DataConfig(args.by_denoiser, {'inputs': args.inputs_length,
+                                                   'targets': args.targets_length},
+                                batch_size=args.batch_size)
+  results = train.validate_by_denoiser(config, params, config_data, args.denoiser_batches)
+  if not results:
+    raise SystemExit(f'error: --by_denoiser {args.by_denoiser}: the task has no denoising or '
+                     'LM objective to vary (give a pretraining task, e.g. ul2_mod_gutenberg).')
+  lines = ['| denoiser / mode | loss | token accuracy |', '|---|---:|---:|']
+  lines += [f'| {name.split("/", 1)[1]} | {m["loss"]:.4f} | {m["accuracy"]:.3f} |'
+            for name, m in results.items()]
+  table = '\n'.join(lines)
+  print(table)
+  if args.output:
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, 'by_denoiser.md'), 'w') as f:
+      f.write(table + '\n')
+    with open(os.path.join(args.output, 'by_denoiser.json'), 'w') as f:
+      json.dump({'checkpoint': args.checkpoint, 'task': args.by_denoiser,
+                 'feature_lengths': config_data.feature_lengths, 'results': results}, f,
+                indent=1)
+  return results
 
 
 def main(argv=None):
@@ -84,7 +124,14 @@ def main(argv=None):
   parser.add_argument('--submission', default=None,
                       help='with --split test: write the leaderboard files (<Task>.jsonl, '
                       'AX-b and AX-g included) into this folder and zip them')
+  parser.add_argument('--by_denoiser', default=None, metavar='TASK',
+                      help='instead of SuperGLUE: validation loss per denoiser and per mode '
+                      "on TASK's corpus (e.g. ul2_mod_gutenberg)")
+  parser.add_argument('--denoiser_batches', type=int, default=4,
+                      help='--by_denoiser: batches per denoiser')
   args = parser.parse_args(argv)
+  if args.by_denoiser:
+    return by_denoiser(args)
   if args.predictions and not args.output:
     parser.error('--predictions needs --output')
   if args.submission and args.split != 'test':

@@ -287,9 +287,15 @@ def test_mod_pretraining_on_the_decoder_only_model_lowers_the_loss(tmp_path):
 
 def test_causal_lm_task_trains_the_decoder_only_model(tmp_path):
   result = train_setup.run(str(tmp_path), steps=4, model=TINY, task='causal_lm_gutenberg',
-                           lengths={'targets': 64}, checkpoint_every=4)
+                           lengths={'targets': 64}, checkpoint_every=4,
+                           denoiser_eval_batches=1)
   assert np.isfinite(losses(result)).all()
   assert result.history[0]['target_tokens'] > 0.9 * 8 * 64  # every token in the loss
+  # The causal LM is measured on the same per-denoiser streams as the MoD models (its rows
+  # of 64 hold 32 + 32 tokens of inputs and targets).
+  last = result.denoiser_history[-1]
+  assert {'denoiser/S(uniform)/loss', 'mode/[NLG]/loss'} <= set(last)
+  assert all(np.isfinite(v) for v in last.values())
 
 
 def test_decoder_only_resume_is_exact(tmp_path):

@@ -38,6 +38,7 @@ def run_logged(model_dir, steps, **kwargs):
   lines = []
   eval_split = kwargs.pop('eval_split', None)
   optimizer = kwargs.pop('optimizer', train_setup.OPTIMIZER)
+  kwargs.setdefault('denoiser_eval_batches', 0)
   result = T.train(
       model=TINY,
       data=data_lib.DataConfig('ul2_mod_gutenberg', train_setup.LENGTHS, batch_size=8,

@@ -304,7 +304,10 @@ def test_train_cli_writes_config_checkpoints_and_logs(tmp_path, capsys):
                    out), out
   rows = [json.loads(line) for line in (model_dir / 'metrics.jsonl').read_text().splitlines()]
   assert [(r['split'], r['step']) for r in rows] == [('train', 1), ('train', 2), ('train', 3),
-                                                     ('validation', 3)]
+                                                     ('validation', 3), ('validation', 3)]
+  # The second validation row: loss and token accuracy per denoiser and per mode.
+  assert {'denoiser/X(64,0.5)/loss', 'mode/[NLU]/accuracy'} <= set(rows[-1])
+  assert 'step 3: validation loss by denoiser R(3,0.15) ' in out
   assert {'loss', 'accuracy', 'learning_rate', 'tokens_per_s'} <= set(rows[0])
   assert (model_dir / 'metrics.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert f'plotted in {model_dir / "metrics.png"}' in out
@@ -404,7 +407,8 @@ def cli_command(model_dir, steps):
           "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}",
           f'--gin.TRAIN_STEPS={steps}', '--gin.BATCH_SIZE=8', f"--gin.MODEL_DIR='{model_dir}'",
           '--gin.EVAL_EVERY=100000', '--gin.CHECKPOINT_EVERY=100000',
-          '--gin.train.TrainConfig.log_every=1', "--gin.DROPOUT_RATE=0.1"]
+          '--gin.train.TrainConfig.log_every=1', "--gin.DROPOUT_RATE=0.1",
+          '--gin.train.TrainConfig.denoiser_eval_batches=0']
 
 
 def cli_env():

@@ -18,7 +18,7 @@ OPTIMIZER = T.OptimizerConfig(schedule='constant', learning_rate=0.01, warmup_st
 def run(model_dir, steps, *, model=TINY, batch_size=8, mesh=partitioning.MeshConfig(),
         devices=None, microbatches=1, input_shards=None, checkpoint_every=1000, batches=None,
         eval_split='validation', async_checkpointing=True, seed=0, task='ul2_mod_gutenberg',
-        lengths=LENGTHS, **run_options):
+        lengths=LENGTHS, denoiser_eval_batches=0, **run_options):
   return T.train(
       model=model,
       data=data_lib.DataConfig(task, lengths, batch_size=batch_size,
@@ -26,7 +26,8 @@ def run(model_dir, steps, *, model=TINY, batch_size=8, mesh=partitioning.MeshCon
       run=T.TrainConfig(model_dir, steps=steps, microbatches=microbatches, eval_every=1000,
                         eval_batches=2, checkpoint_every=checkpoint_every, log_every=2,
                         progress_bar=False, async_checkpointing=async_checkpointing,
-                        seed=seed, **run_options),
+                        seed=seed, denoiser_eval_batches=denoiser_eval_batches,
+                        **run_options),
       optimizer=OPTIMIZER, mesh=mesh, devices=devices, batches=batches, log=lambda _: None)
 
 

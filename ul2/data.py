@@ -33,6 +33,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import types
 from typing import Any, Mapping, Sequence
 
@@ -294,11 +295,12 @@ def feature_converter(data: DataConfig, architecture: str = 'encoder_decoder'):
 
 
 def make_datasets(data: DataConfig, split: str, seed: int, repeat: bool,
-                  shuffle: bool, architecture: str = 'encoder_decoder') -> list:
-  """One tf.data pipeline per input shard of this process, each batched to its rows."""
+                  shuffle: bool, architecture: str = 'encoder_decoder', task=None) -> list:
+  """One tf.data pipeline per input shard of this process, each batched to its rows (of
+  `task`, a seqio Task object, instead of `data.task` when given)."""
   import seqio
 
-  task = check_task(data.task)
+  task = task or check_task(data.task)
   shards = input_shards(data)
   total = total_input_shards(data)
   rows = data.batch_size // total
@@ -316,6 +318,42 @@ def make_datasets(data: DataConfig, split: str, seed: int, repeat: bool,
     ds = ds.map(lambda ex: {k: ex[k] for k in features})
     ds = converter(ds, dict(data.feature_lengths))
     out.append(ds.batch(rows, drop_remainder=True).prefetch(2))
+  return out
+
+
+def denoiser_tasks(name: str, denoisers: Sequence[Any]) -> dict[str, Any]:
+  """{denoiser name: seqio Task}: task `name`'s corpus and text processing with one denoiser
+  each instead of its objective (a Mixture-of-Denoisers, a causal LM): fixed streams on which
+  any model of that corpus can be compared per denoiser, whatever it was trained on. The
+  mixture settings (sentinel overflow, mode token ids) are the task's own when it has a
+  mixture. {} for a task without an objective step (SuperGLUE) and for a mixture of tasks.
+
+  >>> import ul2_tasks
+  >>> from ul2 import denoisers as D
+  >>> sorted(denoiser_tasks('t5_span_corruption_gutenberg', [D.R(3, 0.15), D.S()]))
+  ['R(3,0.15)', 'S(uniform)']
+  """
+  import seqio
+
+  from ul2 import denoisers as denoisers_lib
+
+  task = check_task(name)
+  if not isinstance(task, seqio.Task):
+    return {}
+  steps = list(task.preprocessors)
+  at = [i for i, p in enumerate(steps) if isinstance(p, denoisers_lib.MixtureOfDenoisers)
+        or p is denoisers_lib.causal_lm_chunks]
+  if not at:
+    return {}
+  own = steps[at[0]].config if hasattr(steps[at[0]], 'config') else denoisers_lib.MixtureConfig()
+  out = {}
+  for d in denoisers:
+    one = dataclasses.replace(own, denoisers=(d,), rates=None)
+    out[d.name] = seqio.Task(
+        f'{name}.' + re.sub(r'[^\w.]', '_', d.name), source=task.source,
+        output_features=task.output_features,
+        preprocessors=steps[:at[0]] + [denoisers_lib.MixtureOfDenoisers(one)] + steps[at[0] + 1:],
+        metric_fns=[])
   return out
 
 

@@ -96,6 +96,13 @@ class TrainConfig:
   seed: int = 0  # parameter initialisation and dropout
   eval_every: int = 500
   eval_batches: int = 10
+  # Validation loss and token accuracy per denoiser and per mode ([NLU], [S2S], [NLG]) at
+  # every validation: fixed streams of the task corpus's validation split, one per denoiser
+  # (`data.denoiser_tasks`), this many batches each; 0: off. `denoiser_eval`: the denoisers
+  # (None: the paper's seven, denoisers.UL2_DENOISERS), the same for every objective so that
+  # runs with different objectives compare.
+  denoiser_eval_batches: int = 2
+  denoiser_eval: tuple | None = None
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
   async_checkpointing: bool = True
@@ -126,6 +133,11 @@ class TrainConfig:
                  'keep_checkpoints'):
       if getattr(self, name) < 1:
         raise ValueError(f'TrainConfig.{name} must be >= 1, got {getattr(self, name)}.')
+    if self.denoiser_eval_batches < 0:
+      raise ValueError('TrainConfig.denoiser_eval_batches must be >= 0 (0: off), got '
+                       f'{self.denoiser_eval_batches}.')
+    if self.denoiser_eval is not None:
+      object.__setattr__(self, 'denoiser_eval', tuple(self.denoiser_eval))
     if self.resume_input not in ('exact', 'restart'):
       raise ValueError("TrainConfig.resume_input must be 'exact' or 'restart', got "
                        f'{self.resume_input!r}.')
@@ -375,6 +387,8 @@ class TrainResult:
   model_dir: str
   start_step: int
   metrics_history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+  # per-denoiser and per-mode validation: {'step', 'denoiser/R(3,0.15)/loss', ...}
+  denoiser_history: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
 def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
@@ -430,6 +444,10 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
         _check_finite_loss(records.flush(done), checkpoints)
       if inputs.validation and _due(done, run.eval_every, run.steps):
         records.validation(done, _validate(compiled, state.params, inputs.validation))
+      if inputs.by_denoiser and _due(done, run.eval_every, run.steps):
+        records.by_denoiser(done, by_denoiser_and_mode({
+            name: (mode, _validation_sums(compiled, state.params, batches))
+            for name, (mode, batches) in inputs.by_denoiser.items()}))
       if run.metrics_every and data.eval_split and _due(done, run.metrics_every, run.steps):
         records.log(f'step {done}: decoding {data.task}\'s {data.eval_split} split for its '
                     'task metrics...')
@@ -453,7 +471,7 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
     if picture:
       log(f'Metrics: {checkpoints_lib.join(run.model_dir, METRICS_JSONL)}, plotted in {picture}')
   return TrainResult(state, records.history, records.eval_history, run.model_dir, start,
-                     records.metrics_history)
+                     records.metrics_history, records.denoiser_history)
 
 
 def _print(line: str) -> None:
@@ -525,6 +543,8 @@ class _Inputs:
   train: Iterator[dict[str, np.ndarray]]
   pipeline: data_lib.HostBatches | None
   validation: list[dict[str, np.ndarray]] | None
+  # {denoiser name: (its mode, its fixed validation batches)}
+  by_denoiser: dict[str, tuple[str, list[dict[str, np.ndarray]]]] | None = None
 
   @classmethod
   def build(cls, data: data_lib.DataConfig, run: TrainConfig,
@@ -544,7 +564,41 @@ class _Inputs:
                                       data_lib.HostBatches(eval_sets))]
       if not validation:
         log(f'Validation split {data.eval_split!r} gave no full batch; validation is off.')
-    return cls(pipeline, pipeline, validation or None)
+    by_denoiser = None
+    if data.eval_split and run.denoiser_eval_batches:
+      by_denoiser = _denoiser_validation(data, run, architecture, log)
+    return cls(pipeline, pipeline, validation or None, by_denoiser or None)
+
+
+def _denoiser_validation(data: data_lib.DataConfig, run: TrainConfig, architecture: str,
+                         log: Callable[[str], None]
+                         ) -> dict[str, tuple[str, list[dict[str, np.ndarray]]]]:
+  """The fixed per-denoiser validation batches of `data.task`'s corpus ({} for a task without
+  a denoising or LM objective, e.g. SuperGLUE)."""
+  from ul2 import denoisers as denoisers_lib
+
+  chosen = run.denoiser_eval or denoisers_lib.UL2_DENOISERS
+  modes = {d.name: d.mode for d in chosen}
+  lengths = dict(data.feature_lengths)
+  if architecture == 'decoder_only' and 'inputs' not in lengths:
+    # A causal-LM run: the denoisers' examples are inputs + targets in one row of its length.
+    lengths = {'inputs': lengths['targets'] // 2, 'targets': lengths['targets'] // 2}
+  data = dataclasses.replace(data, feature_lengths=lengths)
+  out = {}
+  import warnings
+  with warnings.catch_warnings():  # short lengths: the training task already warned
+    warnings.simplefilter('ignore', UserWarning)
+    tasks = data_lib.denoiser_tasks(data.task, chosen)
+    for name, task in tasks.items():
+      sets = data_lib.make_datasets(data, data.eval_split, seed=0, repeat=False, shuffle=False,
+                                    architecture=architecture, task=task)
+      batches = [b for _, b in zip(range(run.denoiser_eval_batches),
+                                   data_lib.HostBatches(sets))]
+      if batches:
+        out[name] = (modes[name], batches)
+      else:
+        log(f'Validation split {data.eval_split!r} gave no full batch for denoiser {name}.')
+  return out
 
 
 def _initial_state(compiled: CompiledRun, checkpoints: checkpoints_lib.Checkpoints,
@@ -573,16 +627,66 @@ def _initial_state(compiled: CompiledRun, checkpoints: checkpoints_lib.Checkpoin
   return state
 
 
-def _validate(compiled: CompiledRun, params: Any,
-              batches: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+def _validation_sums(compiled: CompiledRun, params: Any,
+                     batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   totals = None
   for b in batches:
     sums = jax.device_get(compiled.eval_step(params, partitioning.global_batch(b, compiled.mesh)))
     totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+  return totals
+
+
+def validation_metrics(totals: Mapping[str, Any]) -> dict[str, float]:
+  """Loss, cross-entropy and token accuracy from summed `loss_sums`."""
   weight = max(float(totals['weight']), 1.0)
   return {'loss': float(totals['cross_entropy'] + totals['z_loss']) / weight,
           'cross_entropy': float(totals['cross_entropy']) / weight,
           'accuracy': float(totals['correct']) / weight}
+
+
+def _validate(compiled: CompiledRun, params: Any,
+              batches: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+  return validation_metrics(_validation_sums(compiled, params, batches))
+
+
+def validate_by_denoiser(model: network.Config, params: Any, data: data_lib.DataConfig,
+                         batches: int = 2, denoisers: Sequence[Any] | None = None,
+                         mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
+                         log: Callable[[str], None] = _print) -> dict[str, dict[str, float]]:
+  """A finished model's validation loss and token accuracy per denoiser and per mode, on the
+  same fixed streams training reports (`TrainConfig.denoiser_eval_batches`): what
+  `scripts/eval.py --by_denoiser` prints. {} when `data.task` has no denoising objective."""
+  import tempfile
+  run = TrainConfig(tempfile.mkdtemp(prefix='ul2_eval_'), steps=1, denoiser_eval_batches=batches,
+                    denoiser_eval=tuple(denoisers) if denoisers else None)
+  compiled = compile_run(model, OptimizerConfig(), run, mesh)
+  partitioning.check_batch_size(data.batch_size, compiled.mesh)
+  params = jax.device_put(params, compiled.shardings.params)
+  streams = _denoiser_validation(data, run, model.architecture, log)
+  return by_denoiser_and_mode({name: (mode, _validation_sums(compiled, params, b))
+                               for name, (mode, b) in streams.items()})
+
+
+def by_denoiser_and_mode(sums: Mapping[str, tuple[str, Mapping[str, Any]]]
+                         ) -> dict[str, dict[str, float]]:
+  """{denoiser: (mode, summed loss_sums)} -> {'denoiser/<name>' or 'mode/<mode>': metrics};
+  a mode's figures are over all its denoisers' target tokens together.
+
+  >>> sums = {'R(3,0.15)': ('[NLU]', {'cross_entropy': 6.0, 'z_loss': 0.0, 'correct': 1.0,
+  ...                                  'weight': 3.0}),
+  ...         'R(8,0.15)': ('[NLU]', {'cross_entropy': 2.0, 'z_loss': 0.0, 'correct': 0.0,
+  ...                                  'weight': 1.0})}
+  >>> out = by_denoiser_and_mode(sums)
+  >>> out['denoiser/R(3,0.15)']['loss'], out['mode/[NLU]']['loss'], out['mode/[NLU]']['accuracy']
+  (2.0, 2.0, 0.25)
+  """
+  out, modes = {}, {}
+  for name, (mode, totals) in sums.items():
+    out[f'denoiser/{name}'] = validation_metrics(totals)
+    modes[mode] = totals if mode not in modes else jax.tree.map(np.add, modes[mode], totals)
+  for mode, totals in sorted(modes.items()):
+    out[f'mode/{mode}'] = validation_metrics(totals)
+  return out
 
 
 def _task_metrics(net: network.Model, params: Any, data: data_lib.DataConfig,
@@ -642,6 +746,7 @@ class _Records:
         if is_chief and summaries else None
     self.pending_lines: list[str] = []
     self.history, self.eval_history, self.metrics_history = [], [], []
+    self.denoiser_history = []
     self.pending = []
     self.last_time, self.last_step = time.perf_counter(), start
 
@@ -695,6 +800,19 @@ class _Records:
     self._write('validation', step, result)
     self.log(f'step {step}: validation loss {result["loss"]:.4f}, accuracy '
              f'{result["accuracy"]:.3f}')
+
+  def by_denoiser(self, step: int, results: Mapping[str, Mapping[str, float]]) -> None:
+    """Per-denoiser and per-mode validation under 'denoiser/<name>/<metric>' and
+    'mode/<mode>/<metric>'."""
+    flat = {f'{group}/{k}': v for group, metrics in results.items()
+            for k, v in metrics.items() if k != 'cross_entropy'}
+    self.denoiser_history.append({'step': step, **flat})
+    self._write('validation', step, flat)
+    self.log(f'step {step}: validation loss by denoiser ' + ', '.join(
+        f'{k.split("/", 1)[1]} {v["loss"]:.3f}' for k, v in results.items()
+        if k.startswith('denoiser/')) + '; by mode ' + ', '.join(
+        f'{k.split("/", 1)[1]} {v["loss"]:.3f}' for k, v in results.items()
+        if k.startswith('mode/')))
 
   def task_metrics(self, step: int, task: str, metrics: dict[str, float]) -> None:
     """Task metrics under their own tags, '<task>/<metric>' (the validation loss and token
@@ -759,25 +877,34 @@ def plot_metrics(model_dir: str) -> str | None:
       if name not in ('split', 'step') and isinstance(value, (int, float)):
         series.setdefault((row['split'], name), []).append((row['step'], value))
   losses = {k: v for k, v in series.items() if k[1] == 'loss'}
-  tasks = {k: v for k, v in series.items() if k[0] == 'validation' and '/' in k[1]}
+  modes = {k: v for k, v in series.items()
+           if k[0] == 'validation' and k[1].startswith('mode/') and k[1].endswith('/loss')}
+  tasks = {k: v for k, v in series.items() if k[0] == 'validation' and '/' in k[1]
+           and not k[1].startswith(('mode/', 'denoiser/'))}
   if not losses:
     return None
   import matplotlib
   matplotlib.use('Agg')  # files only: no display needed
   import matplotlib.pyplot as plt
-  panels = 2 if tasks else 1
+  panels = 1 + bool(tasks) + bool(modes)
   fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
   for (split, _), points in sorted(losses.items()):
     steps, values = zip(*sorted(points))
     axes[0][0].plot(steps, values, label=f'{split} loss', marker='o' if split != 'train' else None)
   axes[0][0].set(xlabel='step', ylabel='loss', title=os.path.basename(model_dir.rstrip('/')))
   axes[0][0].legend()
-  if tasks:
-    for (_, name), points in sorted(tasks.items()):
+  panel = 1
+  for group, ylabel, title in ((modes, 'loss', 'validation loss by mode'),
+                               (tasks, 'task metric', 'validation')):
+    if not group:
+      continue
+    for (_, name), points in sorted(group.items()):
       steps, values = zip(*sorted(points))
-      axes[0][1].plot(steps, values, label=name, marker='o')
-    axes[0][1].set(xlabel='step', ylabel='task metric', title='validation')
-    axes[0][1].legend(fontsize='small')
+      label = name.split('/')[1] if group is modes else name
+      axes[0][panel].plot(steps, values, label=label, marker='o')
+    axes[0][panel].set(xlabel='step', ylabel=ylabel, title=title)
+    axes[0][panel].legend(fontsize='small')
+    panel += 1
   fig.tight_layout()
   out = checkpoints_lib.join(model_dir, METRICS_PNG)
   with checkpoints_lib.open_file(out, 'wb') as f:
