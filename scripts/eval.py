@@ -12,6 +12,13 @@ config comes from model_config.json / config.json or `--gin_file=models/<size>.g
 WSC (whose model names the referent). With `--best`, the mode token and the method default to
 those the fine-tuning run selected its best parameters with (best.json).
 
+Generation (`ul2_tasks.generation`): `--generation gen_gutenberg_continuation` (or a task
+registered with `generation.register_generation`, e.g. the paper's one-shot XSum) decodes each
+input after `--few_shot` K training records and scores ROUGE-1/2/L (Google's rouge-score).
+
+    python scripts/eval.py --checkpoint runs/quickstart --generation gen_gutenberg_continuation \
+        --few_shot 1 --inputs_length 256 --targets_length 48 --max_examples 100
+
 Per-denoiser validation of a pretrained model (what training reports at each validation):
 `--by_denoiser ul2_mod_gutenberg` gives loss and token accuracy on fixed validation streams of
 that task's corpus, one per UL2 denoiser, and per mode ([NLU], [S2S], [NLG]), instead of
@@ -48,6 +55,42 @@ def results_table(results, average, failed=()) -> str:
   for task, error in failed:
     lines.append(f'| {task} | failed | | | {error} | |')
   return '\n'.join(lines) + '\n'
+
+
+def generation(args) -> tuple[list[dict], float]:
+  """--generation: ROUGE of greedy decodes, k-shot, per task, and their average."""
+  data.hide_accelerators_from_tensorflow()
+  import ul2_tasks  # noqa: F401  (gen_gutenberg_continuation)
+  gin_cli.import_modules(args.module)
+  from ul2 import checkpoints, evaluation
+  model, params = checkpoints.load_model(args.checkpoint, gin_cli.model_config(args.gin_file),
+                                         args.ignore_extra_params)
+  lengths = {'inputs': args.inputs_length, 'targets': args.targets_length}
+  results = []
+  for task in [t.strip() for t in args.generation.split(',') if t.strip()]:
+    data.check_task(task)
+    print(f'{task}: {args.split} split, {args.few_shot}-shot generation...', flush=True)
+    r = evaluation.evaluate(model, params, task, feature_lengths=lengths, split=args.split,
+                            method='decode', few_shot=args.few_shot,
+                            batch_size=args.batch_size, max_examples=args.max_examples,
+                            seed=args.seed)
+    results.append({'task': task, 'split': args.split, 'examples': r.examples,
+                    'method': f'decode, {args.few_shot}-shot', 'few_shot': args.few_shot,
+                    'metrics': r.metrics, 'score': evaluation.task_score(r.metrics),
+                    'in_average': True,
+                    'samples': [{'input': rec['input'], 'prediction': p, 'target': rec['target']}
+                                for rec, p in list(zip(r.records, r.predictions))[:5]]})
+  average = sum(r['score'] for r in results) / len(results)
+  table = results_table(results, average)
+  print(table)
+  if args.output:
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, 'generation.md'), 'w') as f:
+      f.write(f'# Generation: {args.checkpoint}\n\n{table}\n')
+    with open(os.path.join(args.output, 'generation.json'), 'w') as f:
+      json.dump({'checkpoint': args.checkpoint, 'results': results, 'average': average}, f,
+                indent=1)
+  return results, average
 
 
 def by_denoiser(args) -> dict:
@@ -124,6 +167,9 @@ def main(argv=None):
   parser.add_argument('--submission', default=None,
                       help='with --split test: write the leaderboard files (<Task>.jsonl, '
                       'AX-b and AX-g included) into this folder and zip them')
+  parser.add_argument('--generation', default=None, metavar='TASKS',
+                      help='instead of SuperGLUE: comma-separated generation tasks (gen_*), '
+                      'decoded and scored with ROUGE')
   parser.add_argument('--by_denoiser', default=None, metavar='TASK',
                       help='instead of SuperGLUE: validation loss per denoiser and per mode '
                       "on TASK's corpus (e.g. ul2_mod_gutenberg)")
@@ -132,6 +178,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.by_denoiser:
     return by_denoiser(args)
+  if args.generation:
+    return generation(args)
   if args.predictions and not args.output:
     parser.error('--predictions needs --output')
   if args.submission and args.split != 'test':

@@ -6,3 +6,4 @@ The folder is `tasks/`; the package is installed as `ul2_tasks`, so that a user'
 
 from ul2_tasks import pretrain  # noqa: F401  (registers the pretraining tasks)
 from ul2_tasks import superglue  # noqa: F401  (registers superglue_* and the superglue mixture)
+from ul2_tasks import generation  # noqa: F401  (registers gen_gutenberg_continuation)

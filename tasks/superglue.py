@@ -659,7 +659,8 @@ def _source(task: str, data_dir: str | None, hf_dir: str | None) -> seqio.DataSo
   return seqio.FunctionDataSource(read, splits=splits)
 
 
-def _prepend_mode(mode: str):
+def prepend_mode(mode: str):
+  """A preprocessor putting the mode token before each example's `inputs` text ('' : none)."""
   def prepend(dataset):
     if not mode:
       return dataset
@@ -694,7 +695,7 @@ def register_superglue(data_dir: str | None = None, mode: str = vocabulary.NLU,
     seqio.TaskRegistry.remove(name)
     seqio.TaskRegistry.add(
         name, source=_source(task, data_dir, (hf_dir or {}).get(task)),
-        preprocessors=[_prepend_mode(mode), seqio.preprocessors.tokenize,
+        preprocessors=[prepend_mode(mode), seqio.preprocessors.tokenize,
                        seqio.CacheDatasetPlaceholder(),
                        seqio.preprocessors.append_eos_after_trim],
         output_features=features, postprocess_fn=postprocess_for(task),

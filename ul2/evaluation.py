@@ -169,6 +169,27 @@ def evaluate_during_training(model: network.Model, params: Any, name: str, *,
   return metrics, mode
 
 
+ROUGE_TYPES = ('rouge1', 'rouge2', 'rougeL')
+
+
+def rouge(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+  """ROUGE-1, ROUGE-2 and ROUGE-L F-measures (x100), averaged over examples, with Google's
+  `rouge-score` (Porter stemming, its tokenizer): a seqio metric function for generation
+  tasks.
+
+  >>> rouge(['the cat sat on the mat'], ['the cats sat on a mat'])  # 5/6 words, 3/5 bigrams
+  {'rouge1': 83.33333333333334, 'rouge2': 60.0, 'rougeL': 83.33333333333334}
+  """
+  from rouge_score import rouge_scorer
+
+  if len(targets) != len(predictions):
+    raise ValueError(f'rouge: {len(targets)} targets but {len(predictions)} predictions.')
+  scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+  scores = [scorer.score(t, p) for t, p in zip(targets, predictions)]
+  return {k: 100.0 * float(np.mean([s[k].fmeasure for s in scores])) if scores else 0.0
+          for k in ROUGE_TYPES}
+
+
 def task_score(metrics: Mapping[str, float]) -> float:
   """One number per task, as the SuperGLUE leaderboard averages it: the mean of the task's
   metrics (CB: accuracy and macro-F1; MultiRC: F1a and EM; ReCoRD: F1 and EM)."""
