@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -84,9 +85,13 @@ def main():
   gin_cli.import_modules(args.module)
   lengths = {'inputs': args.inputs_length, 'targets': args.targets_length}
   names = {'mod': args.task, 'span_corruption': args.baseline}
+  from ul2 import flops
   report = {'lengths': lengths, 'cpu_count': os.cpu_count()}
   print(f'packed {lengths["inputs"]}/{lengths["targets"]}, {os.cpu_count()} CPUs, best of '
         f'{args.repeats}, {args.rows} rows each')
+  # With --json, stdout is the report alone: the load lines go to stderr.
+  say = (lambda line: print(line, file=sys.stderr)) if args.json else print
+  report['load_start'] = flops.machine_load('start', say)
   for path in ('text', 'cached'):
     results = {k: [] for k in names}
     # Alternate the tasks so drift in machine load affects both alike; keep the best run.
@@ -109,6 +114,7 @@ def main():
     print(f'MoD / span corruption: rows {ratio["rows_per_s"]:.2f}x, examples '
           f'{ratio["examples_per_s"]:.2f}x, tokens {ratio["tokens_per_s"]:.2f}x '
           '(target >= 0.90x)')
+  report['load_end'] = flops.machine_load('end', say)
   if args.json:
     print(json.dumps(report, indent=1))
 

@@ -41,7 +41,7 @@ bench() {  # NAME FLAGS...: one configuration, 512/512 tokens, bfloat16 activati
   local name=$1; shift
   echo "== $name: $*" | tee -a "$log"
   timeout 420 "$py" scripts/bench_train.py --synthetic --no_torch --dtypes=bfloat16 \
-      --inputs_length=512 --targets_length=512 --steps=10 --warmup=3 \
+      --inputs_length=512 --targets_length=512 --steps=10 --rounds=1 --warmup=3 \
       --json="$results/$name.json" "$@" 2>&1 | tee -a "$log" | grep -v '^I0000\|^WARNING: All'
   echo "   exit ${PIPESTATUS[0]}" | tee -a "$log"
 }

@@ -1,5 +1,7 @@
 """Training-step throughput and MFU of ul2's jitted train_step, next to HF transformers' PyTorch
-T5ForConditionalGeneration doing the same training step in the same run.
+T5ForConditionalGeneration doing the same training step in the same run: the two sides
+alternate in rounds of a few steps (`--rounds`, `--steps`), so both meet the same machine load,
+and each reports its median step time and the spread over its rounds.
 
     python scripts/bench_train.py                              # ul2_cpu model, CPU, f32 + bf16
     python scripts/bench_train.py --model=base --batch_size=32 --inputs_length=512 \\
@@ -49,7 +51,9 @@ def parse_args(argv=None):
   p.add_argument('--targets_length', type=int, default=128, help='target tokens per row')
   p.add_argument('--dtypes', default='float32,bfloat16',
                  help='activation dtypes to measure, comma-separated')
-  p.add_argument('--steps', type=int, default=10, help='timed steps per measurement')
+  p.add_argument('--steps', type=int, default=3, help='timed steps per round and side')
+  p.add_argument('--rounds', type=int, default=5,
+                 help='rounds per side, alternating JAX and PyTorch')
   p.add_argument('--warmup', type=int, default=3, help='untimed steps (compilation) first')
   p.add_argument('--synthetic', action='store_true', help='random tokens; no TF or seqio')
   p.add_argument('--no_torch', action='store_true', help='skip the PyTorch peer')
@@ -103,85 +107,123 @@ def make_batches(args, cfg: network.Config, count: int) -> list[dict[str, np.nda
   return [next(batches) for _ in range(count)]
 
 
-def bench_jax(cfg: network.Config, args, batches) -> dict:
-  run = train_lib.TrainConfig(tempfile.mkdtemp(), steps=10_000, progress_bar=False)
-  optimizer = train_lib.OptimizerConfig(schedule='constant', learning_rate=0.01,
-                                        warmup_steps=0)
-  compiled = train_lib.compile_run(cfg, optimizer, run,
-                                   partitioning.MeshConfig(model=args.model_parallel))
-  partitioning.check_batch_size(args.batch_size, compiled.mesh)
-  state = compiled.init(jax.random.key(0))
-  device_batches = [partitioning.global_batch(b, compiled.mesh) for b in batches]
-  for i in range(args.warmup):
-    state, metrics = compiled.train_step(state, device_batches[i % len(device_batches)])
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for i in range(args.steps):
-    state, metrics = compiled.train_step(state, device_batches[i % len(device_batches)])
-  jax.block_until_ready(metrics)
-  seconds = (time.perf_counter() - start) / args.steps
-  flops = flops_lib.flops_per_step(cfg, args.batch_size, args.inputs_length,
-                                   args.targets_length)
-  rates = flops_lib.throughput(
-      flops, args.batch_size * (args.inputs_length + args.targets_length), seconds,
-      compiled.mesh.devices.size, args.peak_flops or flops_lib.peak_flops(jax.devices()[0]))
-  # Accelerators report the allocator's high-water mark; the CPU client reports nothing.
-  memory = jax.devices()[0].memory_stats() or {}
-  return {'seconds_per_step': seconds,
-          'peak_memory_gib': memory['peak_bytes_in_use'] / 2**30
-                             if 'peak_bytes_in_use' in memory else None,
-          **rates, 'final_loss': float(metrics['loss'])}
+class JaxSide:
+  """ul2's jitted train step on its mesh, ready to run timed rounds."""
+
+  name = 'jax'
+
+  def __init__(self, cfg: network.Config, args, batches):
+    run = train_lib.TrainConfig(tempfile.mkdtemp(), steps=10_000, progress_bar=False)
+    optimizer = train_lib.OptimizerConfig(schedule='constant', learning_rate=0.01,
+                                          warmup_steps=0)
+    self.compiled = train_lib.compile_run(cfg, optimizer, run,
+                                          partitioning.MeshConfig(model=args.model_parallel))
+    partitioning.check_batch_size(args.batch_size, self.compiled.mesh)
+    self.state = self.compiled.init(jax.random.key(0))
+    self.batches = [partitioning.global_batch(b, self.compiled.mesh) for b in batches]
+    self.done = 0
+    self.cfg, self.args = cfg, args
+
+  def round(self, steps: int) -> float:
+    """Runs `steps` steps; seconds per step."""
+    start = time.perf_counter()
+    for _ in range(steps):
+      self.state, self.metrics = self.compiled.train_step(
+          self.state, self.batches[self.done % len(self.batches)])
+      self.done += 1
+    jax.block_until_ready(self.metrics)
+    return (time.perf_counter() - start) / steps
+
+  def report(self, seconds: float) -> dict:
+    args = self.args
+    flops = flops_lib.flops_per_step(self.cfg, args.batch_size, args.inputs_length,
+                                     args.targets_length)
+    rates = flops_lib.throughput(
+        flops, args.batch_size * (args.inputs_length + args.targets_length), seconds,
+        self.compiled.mesh.devices.size,
+        args.peak_flops or flops_lib.peak_flops(jax.devices()[0]))
+    # Accelerators report the allocator's high-water mark; the CPU client reports nothing.
+    memory = jax.devices()[0].memory_stats() or {}
+    return {'peak_memory_gib': memory['peak_bytes_in_use'] / 2**30
+            if 'peak_bytes_in_use' in memory else None,
+            **rates, 'final_loss': float(self.metrics['loss'])}
 
 
-def bench_torch(cfg: network.Config, args, batches, dtype: str) -> dict:
-  import torch
-  import transformers
-  from transformers.optimization import Adafactor
+class TorchSide:
+  """HF transformers' T5ForConditionalGeneration doing the same training step in PyTorch."""
 
-  torch.manual_seed(0)
-  torch.set_num_threads(os.cpu_count())
-  act = {'gelu': 'gated-gelu', 'silu': 'gated-silu', 'swish': 'gated-silu'}[
-      cfg.mlp_activations[0]]
-  config = transformers.T5Config(
-      vocab_size=cfg.vocab_size, d_model=cfg.emb_dim, d_kv=cfg.head_dim, d_ff=cfg.mlp_dim,
-      num_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
-      num_heads=cfg.num_heads, feed_forward_proj=act, dropout_rate=0.0,
-      relative_attention_num_buckets=cfg.relative_attention_num_buckets,
-      relative_attention_max_distance=cfg.relative_attention_max_distance,
-      tie_word_embeddings=cfg.logits_via_embedding, decoder_start_token_id=0,
-      pad_token_id=0, eos_token_id=1)
-  model = transformers.T5ForConditionalGeneration(config).train()
-  opt = Adafactor(model.parameters(), lr=0.01, relative_step=False, scale_parameter=True,
-                  warmup_init=False, clip_threshold=1.0, decay_rate=-0.8)
-  device_type = 'cpu'
-  tensors = []
-  for b in batches:
-    labels = torch.from_numpy(b['decoder_target_tokens'].astype(np.int64))
-    labels[labels == 0] = -100
-    tensors.append(dict(
-        input_ids=torch.from_numpy(b['encoder_input_tokens'].astype(np.int64)),
-        attention_mask=torch.from_numpy((b['encoder_input_tokens'] > 0).astype(np.int64)),
-        decoder_input_ids=torch.from_numpy(b['decoder_input_tokens'].astype(np.int64)),
-        labels=labels))
+  name = 'torch'
 
-  def step(i):
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16'):
-      loss = model(**tensors[i % len(tensors)]).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(loss)
+  def __init__(self, cfg: network.Config, args, batches, dtype: str):
+    import torch
+    import transformers
+    from transformers.optimization import Adafactor
 
-  for i in range(args.warmup):
-    step(i)
-  start = time.perf_counter()
-  for i in range(args.steps):
-    loss = step(i)
-  seconds = (time.perf_counter() - start) / args.steps
-  return {'seconds_per_step': seconds,
-          'tokens_per_s': args.batch_size * (args.inputs_length + args.targets_length) / seconds,
-          'final_loss': loss, 'torch': torch.__version__,
-          'transformers': transformers.__version__}
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count())
+    act = {'gelu': 'gated-gelu', 'silu': 'gated-silu', 'swish': 'gated-silu'}[
+        cfg.mlp_activations[0]]
+    config = transformers.T5Config(
+        vocab_size=cfg.vocab_size, d_model=cfg.emb_dim, d_kv=cfg.head_dim, d_ff=cfg.mlp_dim,
+        num_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
+        num_heads=cfg.num_heads, feed_forward_proj=act, dropout_rate=0.0,
+        relative_attention_num_buckets=cfg.relative_attention_num_buckets,
+        relative_attention_max_distance=cfg.relative_attention_max_distance,
+        tie_word_embeddings=cfg.logits_via_embedding, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1)
+    self.torch, self.versions = torch, {'torch': torch.__version__,
+                                        'transformers': transformers.__version__}
+    self.model = transformers.T5ForConditionalGeneration(config).train()
+    self.opt = Adafactor(self.model.parameters(), lr=0.01, relative_step=False,
+                         scale_parameter=True, warmup_init=False, clip_threshold=1.0,
+                         decay_rate=-0.8)
+    self.dtype, self.args, self.done = dtype, args, 0
+    self.tensors = []
+    for b in batches:
+      labels = torch.from_numpy(b['decoder_target_tokens'].astype(np.int64))
+      labels[labels == 0] = -100
+      self.tensors.append(dict(
+          input_ids=torch.from_numpy(b['encoder_input_tokens'].astype(np.int64)),
+          attention_mask=torch.from_numpy((b['encoder_input_tokens'] > 0).astype(np.int64)),
+          decoder_input_ids=torch.from_numpy(b['decoder_input_tokens'].astype(np.int64)),
+          labels=labels))
+
+  def round(self, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+      with self.torch.autocast('cpu', dtype=self.torch.bfloat16,
+                               enabled=self.dtype == 'bfloat16'):
+        loss = self.model(**self.tensors[self.done % len(self.tensors)]).loss
+      loss.backward()
+      self.opt.step()
+      self.opt.zero_grad(set_to_none=True)
+      self.loss = float(loss)
+      self.done += 1
+    return (time.perf_counter() - start) / steps
+
+  def report(self, seconds: float) -> dict:
+    args = self.args
+    return {'tokens_per_s': args.batch_size * (args.inputs_length + args.targets_length)
+            / seconds, 'final_loss': self.loss, **self.versions}
+
+
+def interleaved(sides, args) -> dict[str, dict]:
+  """Warm-up, then `args.rounds` rounds of `args.steps` steps per side, alternating sides so
+  that both meet the same machine load; per side the median seconds per step (the figures
+  reported) and its spread over the rounds."""
+  for side in sides:
+    side.round(args.warmup)
+  times = {side.name: [] for side in sides}
+  for _ in range(args.rounds):
+    for side in sides:
+      times[side.name].append(side.round(args.steps))
+  out = {}
+  for side in sides:
+    t = np.array(times[side.name])
+    median = float(np.median(t))
+    out[side.name] = {'seconds_per_step': median, 'rounds': t.tolist(),
+                      'spread': float((t.max() - t.min()) / median), **side.report(median)}
+  return out
 
 
 def main(argv=None):
@@ -191,7 +233,9 @@ def main(argv=None):
              'device': str(jax.devices()[0].device_kind), 'devices': jax.device_count(),
              'synthetic': args.synthetic, 'runs': {}}
   print(f'{args.model}: batch {args.batch_size}, {args.inputs_length}/{args.targets_length} '
-        f'tokens, {jax.device_count()} x {jax.devices()[0].device_kind}')
+        f'tokens, {jax.device_count()} x {jax.devices()[0].device_kind}; {args.rounds} '
+        f'alternating rounds of {args.steps} steps per side, medians')
+  results['load_start'] = flops_lib.machine_load('start')
   batches = None
   for dtype in args.dtypes.split(','):
     cfg = model_config(args.model, dtype, args.bindings)
@@ -201,25 +245,29 @@ def main(argv=None):
       print(f'No PyTorch peer for a {cfg.architecture} model: transformers has no T5-style '
             'relative-position decoder-only class.')
       args.no_torch = True
-    entry = {'jax': bench_jax(cfg, args, batches)}
-    line = (f'{dtype:>9}  ul2/JAX {entry["jax"]["tokens_per_s"]:>10,.0f} tokens/s '
-            f'({entry["jax"]["seconds_per_step"]:.3f} s/step')
-    line += f', MFU {entry["jax"]["mfu"]:.1%}' if entry['jax']['mfu'] else ''
-    if entry['jax']['peak_memory_gib']:
-      line += f', peak memory {entry["jax"]["peak_memory_gib"]:.1f} GiB'
-    line += ')'
+    sides = [JaxSide(cfg, args, batches)]
     if not args.no_torch:
       try:
-        entry['torch'] = bench_torch(cfg, args, batches, dtype)
+        sides.append(TorchSide(cfg, args, batches, dtype))
       except ImportError as e:
         print(f'PyTorch peer skipped ({e}); install the bench extra: pip install -e ".[bench]"')
         args.no_torch = True
-      else:
-        entry['jax_over_torch'] = entry['jax']['tokens_per_s'] / entry['torch']['tokens_per_s']
-        line += (f'   HF PyTorch {entry["torch"]["tokens_per_s"]:>10,.0f} tokens/s   '
-                 f'ratio {entry["jax_over_torch"]:.2f}x (target >= 1.0x)')
+    entry = interleaved(sides, args)
+    jax_run = entry['jax']
+    line = (f'{dtype:>9}  ul2/JAX {jax_run["tokens_per_s"]:>10,.0f} tokens/s '
+            f'({jax_run["seconds_per_step"]:.3f} s/step, spread {jax_run["spread"]:.0%}')
+    line += f', MFU {jax_run["mfu"]:.1%}' if jax_run['mfu'] else ''
+    if jax_run['peak_memory_gib']:
+      line += f', peak memory {jax_run["peak_memory_gib"]:.1f} GiB'
+    line += ')'
+    if 'torch' in entry:
+      entry['jax_over_torch'] = jax_run['tokens_per_s'] / entry['torch']['tokens_per_s']
+      line += (f'   HF PyTorch {entry["torch"]["tokens_per_s"]:>10,.0f} tokens/s (spread '
+               f'{entry["torch"]["spread"]:.0%})   ratio of medians '
+               f'{entry["jax_over_torch"]:.2f}x (target >= 1.0x)')
     results['runs'][dtype] = entry
     print(line, flush=True)
+  results['load_end'] = flops_lib.machine_load('end')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(results, f, indent=1)

@@ -391,9 +391,28 @@ def test_bench_train_synthetic_runs_without_tensorflow_or_seqio(tmp_path):
   for dtype in ('float32', 'bfloat16'):
     jax_run = report['runs'][dtype]['jax']
     assert jax_run['tokens_per_s'] > 0 and np.isfinite(jax_run['final_loss'])
+  # Alternating rounds: each side's median over them, and the machine's load around it all.
+  assert len(report['runs']['float32']['jax']['rounds']) == 5
+  assert report['load_start']['cores'] == report['load_end']['cores'] == os.cpu_count()
+  assert 'load average at start: ' in proc.stdout
   decoder_only = json.loads((tmp_path / 'bench.json.decoder_only').read_text())
   assert np.isfinite(decoder_only['runs']['float32']['jax']['final_loss'])
   assert 'No PyTorch peer for a decoder_only model' in proc.stdout
+
+
+def test_bench_train_alternates_jax_and_pytorch_rounds():
+  """Both sides in one run, round for round; the ratio is that of the two medians."""
+  import bench_train
+  report = bench_train.main(['--model=tiny', '--steps=1', '--rounds=3', '--warmup=1',
+                             '--dtypes=float32', '--batch_size=8',
+                             '--inputs_length=32', '--targets_length=32'])
+  entry = report['runs']['float32']
+  for side in ('jax', 'torch'):
+    rounds = entry[side]['rounds']
+    assert len(rounds) == 3 and entry[side]['seconds_per_step'] == np.median(rounds)
+    assert np.isfinite(entry[side]['final_loss'])
+  assert entry['jax_over_torch'] == pytest.approx(
+      entry['torch']['seconds_per_step'] / entry['jax']['seconds_per_step'])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,6 +620,9 @@ def test_a_user_tasks_module_and_gin_file_need_no_project_imports(tmp_path):
   assert bench.returncode == 0, bench.stderr[-3000:]
   report = json.loads(bench.stdout[bench.stdout.index('{'):])
   assert report['text']['mod']['rows_per_s'] > 0 and report['cached']['span_corruption']
+  # The machine's load at start and end, also in the report (on stderr with --json).
+  assert 'load average at start: ' in bench.stderr and 'load average at end: ' in bench.stderr
+  assert report['load_end']['cores'] == os.cpu_count()
   missing = subprocess.run([sys.executable, os.path.join(scripts, 'inspect_task.py'),
                             '--module', 'no_such_module', '--task', 'x'], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=600)

@@ -69,6 +69,20 @@ def flops_per_step(cfg: network.Config, batch_size: int, inputs_length: int,
   return 3 * 2 * forward_macs * batch_size
 
 
+def machine_load(when: str, log=print) -> dict[str, float]:
+  """The 1-minute load average and core count, printed by every benchmark at its start and end
+  with a warning when other work competes for the cores (its figures are then not comparable).
+  """
+  import os
+  load, cores = os.getloadavg()[0], os.cpu_count() or 1
+  line = f'load average at {when}: {load:.2f} ({cores} cores)'
+  if load > cores:
+    line += ('. WARNING: above the core count: other work is running, so these figures are '
+             'not comparable with a quiet run')
+  log(line)
+  return {'load_average': load, 'cores': cores}
+
+
 def throughput(flops: float, tokens_per_step: int, seconds_per_step: float, devices: int,
                peak_flops_per_device: float | None) -> dict[str, float | None]:
   """tokens/s, model TFLOP/s and MFU (None without a known peak) of a measured step time."""
