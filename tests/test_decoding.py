@@ -288,3 +288,19 @@ def test_decoding_with_sharded_parameters_equals_unsharded():
     beams, _ = decoding.beam_search(model, sharded, batch, 2, 6)
   np.testing.assert_array_equal(got, expected)
   np.testing.assert_array_equal(beams, expected_beams)
+
+
+def test_bench_decode_compares_with_hf_generate_on_the_same_weights(tmp_path):
+  """scripts/bench_decode.py: every method on both sides; greedy tokens and scores agree."""
+  import bench_decode
+  report = bench_decode.main(['--model', 'tiny', '--batch_size', '2', '--inputs_length', '16',
+                              '--new_tokens', '6', '--rounds', '1',
+                              '--json', str(tmp_path / 'decode.json')])
+  methods = report['methods']
+  assert set(methods) == {'greedy', 'beam', 'sample', 'score'}
+  for entry in methods.values():
+    assert entry['ul2']['tokens_per_s'] > 0 and entry['hf']['tokens_per_s'] > 0
+    assert entry['ul2_over_hf'] == pytest.approx(entry['hf']['seconds'] / entry['ul2']['seconds'])
+  assert methods['greedy']['greedy_equal_rows'] == 2
+  assert methods['score']['score_max_abs_diff'] < 1e-3
+  assert 'load_start' in report and 'load_end' in report

@@ -636,7 +636,7 @@ def test_every_script_has_full_help_without_loading_tensorflow():
   import re
   scripts = os.path.join(os.path.dirname(TESTS), 'scripts')
   for name in ('train', 'eval', 'infer', 'inspect_task', 'bench_data', 'bench_train',
-               'export_hf', 'export_t5x', 'convert_t5x_gin', 'ablate'):
+               'export_hf', 'export_t5x', 'convert_t5x_gin', 'ablate', 'bench_decode'):
     code = ('import contextlib, io, runpy, sys\n'
             f'sys.argv = [{name!r}, "--help"]; sys.path.insert(0, {scripts!r})\n'
             'out = io.StringIO()\n'
