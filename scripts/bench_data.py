@@ -10,7 +10,10 @@ timed after a warm-up:
           T5X training does.
 Reported: packed rows/s, examples/s (segments packed into those rows), non-padding tokens/s and
 raw corpus tokens/s, and the MoD/span-corruption ratios measured in this same run (target:
->= 0.9, i.e. the mixture costs at most 10%).
+>= 0.9, i.e. the mixture costs at most 10%). With the T5 library installed
+(`pip install --no-deps t5==0.9.4 babel==2.19.0`), T5's own `span_corruption` pipeline on the
+same documents and lengths runs too, and the MoD is compared with it (target >= 1.0x
+examples/s): the reference pipeline, not only ours.
 """
 
 from __future__ import annotations
@@ -39,6 +42,55 @@ def cached_blocks(task: seqio.Task) -> tf.data.Dataset:
   blocks = [ex['targets'] for ex in ds.as_numpy_iterator()]
   return tf.data.Dataset.from_tensor_slices(
       {'targets': tf.ragged.constant(blocks, dtype=tf.int32)}).repeat()
+
+
+T5_INSTALL = 'pip install --no-deps t5==0.9.4 babel==2.19.0'
+
+
+def t5_library_preprocessors():
+  """The T5 library's own `t5/data/preprocessors.py` (t5==0.9.4), loaded by file: the package's
+  `__init__` imports its models and metrics, whose dependencies `--no-deps` leaves out."""
+  import importlib.util
+  spec = importlib.util.find_spec('t5')
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  path = os.path.join(list(spec.submodule_search_locations)[0], 'data', 'preprocessors.py')
+  module_spec = importlib.util.spec_from_file_location('t5_library_preprocessors', path)
+  module = importlib.util.module_from_spec(module_spec)
+  sys.modules[module_spec.name] = module  # AutoGraph looks its functions' module up there
+  module_spec.loader.exec_module(module)
+  return module
+
+
+def register_t5_reference(baseline: str) -> str | None:
+  """T5's span corruption task (as t5/data/tasks.py defines c4_v220_span_corruption: rekey
+  text -> targets, tokenize, span_corruption, EOS) over the baseline task's documents, built
+  with the T5 library's own preprocessors; None when t5 is not installed."""
+  import functools
+
+  import seqio
+  try:
+    t5 = t5_library_preprocessors()
+  except ImportError as e:
+    print(f'T5 library reference skipped ({e}); install it with: {T5_INSTALL}')
+    return None
+  if t5 is None:
+    print(f'T5 library reference skipped (t5 is not installed): {T5_INSTALL}')
+    return None
+  ours = seqio.get_mixture_or_task(baseline)
+  name = 't5_library_span_corruption'
+  seqio.TaskRegistry.remove(name)
+  seqio.TaskRegistry.add(name, source=ours.source, output_features=ours.output_features,
+                         preprocessors=[
+                             ours.preprocessors[0],  # the corpus's lines -> {'text'}
+                             functools.partial(t5.rekey, key_map={'inputs': None,
+                                                                  'targets': 'text'}),
+                             seqio.preprocessors.tokenize,
+                             seqio.CacheDatasetPlaceholder(),
+                             t5.span_corruption,
+                             seqio.preprocessors.append_eos_after_trim],
+                         metric_fns=[])
+  return name
 
 
 def measure(task_name: str, path: str, lengths: dict[str, int], rows: int, warmup: int,
@@ -85,6 +137,9 @@ def main():
   gin_cli.import_modules(args.module)
   lengths = {'inputs': args.inputs_length, 'targets': args.targets_length}
   names = {'mod': args.task, 'span_corruption': args.baseline}
+  reference = register_t5_reference(args.baseline)
+  if reference:
+    names['t5_library'] = reference
   from ul2 import flops
   report = {'lengths': lengths, 'cpu_count': os.cpu_count()}
   print(f'packed {lengths["inputs"]}/{lengths["targets"]}, {os.cpu_count()} CPUs, best of '
@@ -103,17 +158,24 @@ def main():
     ratio = {m: best['mod'][m] / best['span_corruption'][m]
              for m in ('rows_per_s', 'examples_per_s', 'tokens_per_s')}
     report[path] = {**best, 'mod_over_span_corruption': ratio}
+    if 't5_library' in best:
+      report[path]['mod_over_t5_library'] = {
+          m: best['mod'][m] / best['t5_library'][m]
+          for m in ('rows_per_s', 'examples_per_s', 'tokens_per_s')}
     if args.json:
       continue
     print(f'\n[{path}]')
-    print(f'{"task":<28} {"rows/s":>9} {"examples/s":>11} {"tokens/s":>11} {"ex/row":>7}')
+    print(f'{"task":<30} {"rows/s":>9} {"examples/s":>11} {"tokens/s":>11} {"ex/row":>7}')
     for key, name in names.items():
       r = best[key]
-      print(f'{name:<28} {r["rows_per_s"]:>9.0f} {r["examples_per_s"]:>11.0f} '
+      print(f'{name:<30} {r["rows_per_s"]:>9.0f} {r["examples_per_s"]:>11.0f} '
             f'{r["tokens_per_s"]:>11.0f} {r["examples_per_row"]:>7.2f}')
     print(f'MoD / span corruption: rows {ratio["rows_per_s"]:.2f}x, examples '
           f'{ratio["examples_per_s"]:.2f}x, tokens {ratio["tokens_per_s"]:.2f}x '
           '(target >= 0.90x)')
+    if 'mod_over_t5_library' in report[path]:
+      print(f'MoD / the T5 library\'s span_corruption: examples '
+            f'{report[path]["mod_over_t5_library"]["examples_per_s"]:.2f}x (target >= 1.0x)')
   report['load_end'] = flops.machine_load('end', say)
   if args.json:
     print(json.dumps(report, indent=1))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs ul2 with its test and hf extras into ./.venv (created if missing) and runs the whole
-# suite (the hf extra: torch 2.13.0 CPU and transformers 5.x, for the interop tests).
+# suite (the hf extra: torch 2.13.0 CPU and transformers 5.x, for the interop tests; and the
+# T5 library without its dependencies, the data benchmark's reference).
 INSTALL_EXTRA=test,hf
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 # transformers 4.x beside it, in its own folder: the export is also checked with 4.x, loaded
@@ -13,5 +14,12 @@ if [ ! -f "$T4/.installed-4.57.1" ]; then
     transformers==4.57.1 huggingface-hub==0.36.0 tokenizers==0.22.1 >"$VENV/install4.log" 2>&1 \
     || { cat "$VENV/install4.log" >&2; exit 1; }
   touch "$T4/.installed-4.57.1"
+fi
+# The T5 library, without its dependencies: bench_data.py runs T5's own span_corruption
+# pipeline as the reference (its preprocessors.py needs only seqio, TensorFlow, gin and babel).
+if ! python -c 'import babel, importlib.util as u; assert u.find_spec("t5")' 2>/dev/null; then
+  echo "== installing the T5 library (t5==0.9.4, --no-deps) for the data benchmark's reference"
+  python -m pip install --quiet --disable-pip-version-check --no-deps t5==0.9.4 babel==2.19.0 \
+    >"$VENV/install_t5.log" 2>&1 || { cat "$VENV/install_t5.log" >&2; exit 1; }
 fi
 python -m pytest "$@"

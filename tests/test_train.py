@@ -620,6 +620,9 @@ def test_a_user_tasks_module_and_gin_file_need_no_project_imports(tmp_path):
   assert bench.returncode == 0, bench.stderr[-3000:]
   report = json.loads(bench.stdout[bench.stdout.index('{'):])
   assert report['text']['mod']['rows_per_s'] > 0 and report['cached']['span_corruption']
+  # The T5 library's own span_corruption on the same documents (scripts/test.sh installs it).
+  assert report['text']['t5_library']['examples_per_s'] > 0
+  assert report['cached']['mod_over_t5_library']['examples_per_s'] > 0
   # The machine's load at start and end, also in the report (on stderr with --json).
   assert 'load average at start: ' in bench.stderr and 'load average at end: ' in bench.stderr
   assert report['load_end']['cores'] == os.cpu_count()
