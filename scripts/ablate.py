@@ -124,19 +124,19 @@ def run_cell(args, arch: str, objective: str, seed: int, steps: int) -> dict:
       f'SEED={seed}', f'EVAL_EVERY={steps}', f'CHECKPOINT_EVERY={max(steps // 4, 1)}',
       'train.TrainConfig.denoiser_eval_batches=0', 'train.TrainConfig.progress_bar=False',
       *args.bindings])
-  params, config = checkpoints.load(pretrain_dir)
+  # Read once: the network (dropout off) and its parameters serve every measurement below.
+  net, params = checkpoints.load_model(pretrain_dir)
   result = {'architecture': arch, 'objective': objective, 'seed': seed, 'steps': steps,
             'tokens': steps * args.batch_size * (li + lt)}
 
   # The same fixed streams for every run: the corpus's MoD validation split, one per denoiser.
   streams = data_lib.DataConfig(f'ul2_mod_{args.corpus}', {'inputs': li, 'targets': lt},
                                 batch_size=args.batch_size)
-  result['validation'] = train_lib.validate_by_denoiser(config, params, streams,
+  result['validation'] = train_lib.validate_by_denoiser(net.config, params, streams,
                                                         args.denoiser_batches)
   if args.generation_task != 'none':
-    model_fn, gen_params = checkpoints.load_model(pretrain_dir)
     print(f'== {arch} / {objective} / seed {seed}: {args.generation_task}', flush=True)
-    r = evaluation.evaluate(model_fn, gen_params, args.generation_task,
+    r = evaluation.evaluate(net, params, args.generation_task,
                             feature_lengths={'inputs': li + lt, 'targets': args.generation_length},
                             method='decode', few_shot=args.few_shot,
                             max_examples=args.generation_examples, batch_size=16, seed=seed)

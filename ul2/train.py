@@ -442,12 +442,13 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
       stop = signals.agreed(done)
       if _due(done, run.log_every, run.steps) or stop:
         _check_finite_loss(records.flush(done), checkpoints)
-      if inputs.validation and _due(done, run.eval_every, run.steps):
-        records.validation(done, _validate(compiled, state.params, inputs.validation))
-      if inputs.by_denoiser and _due(done, run.eval_every, run.steps):
-        records.by_denoiser(done, by_denoiser_and_mode({
-            name: (mode, _validation_sums(compiled, state.params, batches))
-            for name, (mode, batches) in inputs.by_denoiser.items()}))
+      if _due(done, run.eval_every, run.steps):
+        if inputs.validation:
+          records.validation(done, _validate(compiled, state.params, inputs.validation))
+        if inputs.by_denoiser:
+          records.by_denoiser(done, by_denoiser_and_mode({
+              name: (mode, _validation_sums(compiled, state.params, batches))
+              for name, (mode, batches) in inputs.by_denoiser.items()}))
       if run.metrics_every and data.eval_split and _due(done, run.metrics_every, run.steps):
         records.log(f'step {done}: decoding {data.task}\'s {data.eval_split} split for its '
                     'task metrics...')
