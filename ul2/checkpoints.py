@@ -16,7 +16,9 @@ A training run writes everything into one `model_dir`:
     train/, validation/                TensorBoard event files
 
 `model_dir` is a local path or a URL (`gs://bucket/run`, or any scheme TensorFlow's gfile
-knows): URLs reach orbax, the position files, the config files and TensorBoard unchanged.
+knows): URLs reach orbax, the position files, the config files and TensorBoard unchanged. A
+scheme orbax does not write itself (ram://, hdfs://) has its checkpoints written to a local
+copy first (`Checkpoints`), and models are read from a local copy of their folder (`load`).
 
 Parameters are saved with T5X's per-layer names even when the model scans its layers, so a
 checkpoint is a T5X orbax tree: it restores into T5X and into a model with either layout.
@@ -35,6 +37,7 @@ export scripts all come here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -42,7 +45,8 @@ import os
 import posixpath
 import re
 import shutil
-from typing import Any, Callable, Mapping
+import tempfile
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -109,8 +113,32 @@ def _gfile():
   return tf.io.gfile
 
 
+def scheme(path: str) -> str | None:
+  """'gs' for 'gs://bucket/run'; None for a local path.
+
+  >>> scheme('ram://bucket/run'), scheme('runs/quickstart')
+  ('ram', None)
+  """
+  return str(path).split('://', 1)[0] if is_url(path) else None
+
+
+def orbax_writes(path: str) -> bool:
+  """Whether orbax (tensorstore) reads and writes `path` itself: a local path, gs:// or
+  s3://. A model_dir of another scheme gfile knows (ram://, hdfs://, ...) has its checkpoints
+  written to a local folder by orbax and copied there (`Checkpoints`).
+
+  >>> orbax_writes('gs://bucket/run'), orbax_writes('ram://bucket/run'), orbax_writes('runs/x')
+  (True, False, True)
+  """
+  return scheme(path) in (None, 'gs', 's3')
+
+
 def open_file(path: str, mode: str = 'r'):
-  return _gfile().GFile(path, mode) if is_url(path) else open(path, mode)
+  if not is_url(path):
+    return open(path, mode)
+  if 'w' in mode and _gfile().exists(path):
+    _gfile().remove(path)  # ram:// appends to a file opened for writing instead of replacing it
+  return _gfile().GFile(path, mode)
 
 
 def exists(path: str) -> bool:
@@ -122,44 +150,78 @@ def isdir(path: str) -> bool:
 
 
 def listdir(path: str) -> list[str]:
-  if is_url(path):
-    return [name.rstrip('/') for name in _gfile().listdir(path)]
-  return os.listdir(path)
+  if not is_url(path):
+    return os.listdir(path)
+  names = [name.rstrip('/') for name in _gfile().listdir(path)]
+  if scheme(path) == 'ram':  # ram:// lists the siblings its name prefixes: best/ has '.json'
+    names = [name for name in names if _gfile().exists(join(path, name))]
+  return names
 
 
 def makedirs(path: str) -> None:
-  if is_url(path):
-    _gfile().makedirs(path)
-  else:
+  """Creates the folder `path` and its parents; a URL whose scheme no filesystem here knows
+  is a `CheckpointError` naming it."""
+  if not is_url(path):
     os.makedirs(path, exist_ok=True)
+    return
+  import tensorflow as tf
+  try:
+    _gfile().makedirs(path)
+  except tf.errors.UnimplementedError:
+    raise CheckpointError(
+        f'{path}: no filesystem for {scheme(path)}:// here (TensorFlow\'s gfile knows local '
+        'paths, gs://, ram:// and the schemes of installed plugins); use a local path or '
+        'gs://.') from None
 
 
-def rename(source: str, target: str) -> None:
-  if is_url(source):
-    _gfile().rename(source, target)
-  else:
+def copy_tree(source: str, target: str) -> None:
+  """Copies the folder `source` into `target` file by file, between any two filesystems
+  (local, gs://, ram://, ...); every folder is created explicitly, which filesystems without
+  real folders (ram://) need to list them."""
+  makedirs(target)
+  for name in listdir(source):
+    here, there = join(source, name), join(target, name)
+    if isdir(here):
+      copy_tree(here, there)
+    elif is_url(here) or is_url(there):
+      with open_file(here, 'rb') as f, open_file(there, 'wb') as g:
+        shutil.copyfileobj(f, g, 1 << 24)
+    else:
+      shutil.copyfile(here, there)
+
+
+def move_tree(source: str, target: str) -> None:
+  """Moves the folder `source` to `target`: a rename on a local disk; a copy, then the
+  source removed, between URLs (gfile renames folders on ram:// without their files, and a
+  folder rename is a copy on object stores anyway)."""
+  if not is_url(source) and not is_url(target):
     os.rename(source, target)
+  else:
+    copy_tree(source, target)
+    rmtree(source)
 
 
 def rmtree(path: str) -> None:
-  if is_url(path):
-    if _gfile().exists(path):
-      _gfile().rmtree(path)
-  else:
+  if not is_url(path):
     shutil.rmtree(path, ignore_errors=True)
+  elif scheme(path) == 'ram':  # its own rmtree stops at the names `listdir` leaves out
+    import tensorflow as tf
+    for name in listdir(path) if isdir(path) else []:
+      rmtree(join(path, name))
+    try:
+      _gfile().remove(path)  # a file or an emptied folder
+    except tf.errors.NotFoundError:
+      pass
+  elif _gfile().exists(path):
+    _gfile().rmtree(path)
 
 
 def _orbax_path(path: str):
-  """What orbax takes: an `epath.Path` for a URL orbax knows (gs://, s3://), else a local
-  absolute path."""
+  """What orbax takes: an `epath.Path` for gs:// and s3:// (its own drivers), a local path
+  made absolute."""
   if is_url(path):
     from etils import epath
-    try:
-      return epath.Path(path)
-    except KeyError:
-      raise CheckpointError(
-          f'model_dir {path}: orbax cannot write checkpoints to this kind of URL; use a local '
-          'path or gs:// (or s3://).') from None
+    return epath.Path(path)
   return os.path.abspath(path)
 
 
@@ -234,6 +296,11 @@ def load(path: str, config: network.Config | None = None, ignore_extra: bool = F
     raise FileNotFoundError(f'No checkpoint at {path}: no such file or directory. Give a '
                             'model_dir, its checkpoints/<step> or best/, an HF or a T5X '
                             'checkpoint directory.')
+  if is_url(path):
+    if config is None and not _is_hf_url(path):
+      config = read_model_config(path)
+    with _local_copy(resolve_checkpoint(path)) as local:
+      return load(local, config, ignore_extra)
   if interop.is_hf_directory(path):
     params, hf_config = interop.load_hf(path)
     config = config or hf_config
@@ -254,12 +321,30 @@ def load(path: str, config: network.Config | None = None, ignore_extra: bool = F
 def read_optimizer_state(path: str) -> tuple[Any, int] | tuple[None, None]:
   """(Adafactor state, step) of one of our run checkpoints (`path` as `resolve_checkpoint`
   takes it), as host arrays; (None, None) for anything else (`best/`, exported models)."""
+  if is_url(path):
+    with _local_copy(resolve_checkpoint(path)) as local:
+      return read_optimizer_state(local)
   if interop.is_hf_directory(path) or interop.find_t5x_checkpoint(path) is not None:
     return None, None
   tree = interop.read_orbax_tree(resolve_checkpoint(path))
   if 'opt_state' not in tree:
     return None, None
   return adafactor.AdafactorState(**tree['opt_state']), int(tree['step'])
+
+
+def _is_hf_url(path: str) -> bool:
+  return exists(join(path, 'config.json'))
+
+
+@contextlib.contextmanager
+def _local_copy(url: str) -> Iterator[str]:
+  """`with _local_copy(url) as local:` the folder `url` copied into a temporary local folder,
+  removed after: what reads models (orbax's handlers, safetensors, T5X's tensorstore specs)
+  then reads local files, whatever filesystem the model is on."""
+  with tempfile.TemporaryDirectory(prefix='ul2-model-') as folder:
+    local = os.path.join(folder, posixpath.basename(url.rstrip('/')) or 'model')
+    copy_tree(url, local)
+    yield local
 
 
 def load_model(path: str, config: network.Config | None = None, ignore_extra: bool = False
@@ -288,6 +373,12 @@ class Checkpoints:
   A state with a non-finite parameter or optimizer statistic is never saved (`save` raises
   `CheckpointError` naming the step and the last good checkpoint), and the step a run resumed
   from (verified) is kept by the rotation until a newer step replaces it as the latest.
+
+  A model_dir orbax cannot write itself (`orbax_writes`: ram://, hdfs://, ...) is served by
+  a local copy of its checkpoints/ (one process): orbax works on the copy, each save is
+  committed there and then copied to model_dir/checkpoints/<step>, the steps the rotation
+  removes are removed there too; a new run starts by copying model_dir's steps to a fresh
+  local folder. Saves are then synchronous.
   """
 
   def __init__(self, model_dir: str, model_cfg: network.Config, keep: int,
@@ -295,21 +386,43 @@ class Checkpoints:
     self.model_cfg = model_cfg
     self.model_dir = str(model_dir)
     self.data_dir = join(model_dir, DATA)
+    self.directory = absolute(join(model_dir, CHECKPOINTS))  # what messages name
+    self._stage = None if orbax_writes(model_dir) else self._stage_from(self.directory)
     self.verified: int | None = None  # the step restored and verified, kept by the rotation
     self._saving: int | None = None  # the step of the save in flight
     self._checksums = jax.jit(_checksums_and_finite)
     policy = ocp.checkpoint_managers.AnyPreservationPolicy(
         [ocp.checkpoint_managers.LatestN(n=keep), _KeepVerified(self)])
     self.manager = ocp.CheckpointManager(
-        _orbax_path(join(model_dir, CHECKPOINTS)),
+        _orbax_path(self.directory) if self._stage is None else self._stage,
         item_handlers=ocp.StandardCheckpointHandler(),  # so item_metadata reads shapes
         options=ocp.CheckpointManagerOptions(
             preservation_policy=policy, enable_async_checkpointing=async_checkpointing,
             cleanup_tmp_directories=True))
 
-  @property
-  def directory(self) -> str:
-    return str(self.manager.directory)
+  def _stage_from(self, remote: str) -> str:
+    """A new local folder holding a copy of the steps in `remote` (a URL)."""
+    if jax.process_count() > 1:
+      raise CheckpointError(
+          f'model_dir {self.model_dir}: orbax cannot write {scheme(remote)}:// itself, and '
+          'the local copy that stands in for it serves one process; for a multi-process run '
+          'use gs://, s3:// or a filesystem every process mounts.')
+    makedirs(remote)
+    stage = tempfile.mkdtemp(prefix='ul2-checkpoints-')
+    for name in listdir(remote):
+      if name.isdigit():
+        copy_tree(join(remote, name), os.path.join(stage, name))
+    return stage
+
+  def _upload(self) -> None:
+    """Makes model_dir/checkpoints/ hold the local copy's steps: new ones copied (from the
+    oldest), the ones the rotation removed removed."""
+    local = {name for name in os.listdir(self._stage) if name.isdigit()}
+    remote = {name for name in listdir(self.directory) if name.isdigit()}
+    for name in sorted(local - remote, key=int):
+      copy_tree(os.path.join(self._stage, name), join(self.directory, name))
+    for name in remote - local:
+      rmtree(join(self.directory, name))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -351,6 +464,8 @@ class Checkpoints:
       self.manager.save(step, args=ocp.args.StandardSave(item), force=True)
     except Exception as e:  # disk full, permissions, a vanished bucket...
       raise self._save_failed(step, e) from e
+    if self._stage is not None:
+      self.wait()  # committed locally, then copied to model_dir
     self._remove_stale_data()
 
   def _save_failed(self, step: int, error: BaseException) -> CheckpointError:
@@ -491,7 +606,9 @@ class Checkpoints:
       for source, name in ((join(self.directory, str(step)), CHECKPOINTS),
                            (join(self.data_dir, str(step)), DATA)):
         if exists(source):
-          rename(source, join(target, name))
+          move_tree(source, join(target, name))
+      if self._stage is not None:
+        shutil.rmtree(os.path.join(self._stage, str(step)), ignore_errors=True)
     _sync(f'quarantine_{step}')
     self.manager.reload()
     return target
@@ -532,10 +649,19 @@ class Checkpoints:
         raise
       raise self._save_failed(self._saving, e) from e
     self.check()
+    if self._stage is not None and self._saving is not None:
+      try:
+        self._upload()
+      except Exception as e:  # the step is not in model_dir: not a good checkpoint
+        shutil.rmtree(os.path.join(self._stage, str(self._saving)), ignore_errors=True)
+        self.manager.reload()
+        raise self._save_failed(self._saving, e) from e
     self._saving = None
 
   def close(self) -> None:
     self.manager.close()
+    if self._stage is not None:
+      shutil.rmtree(self._stage, ignore_errors=True)
 
   def __enter__(self) -> Checkpoints:
     return self
@@ -680,9 +806,15 @@ def save_best(model_dir: str, step: int, metric: str, metrics: Mapping[str, floa
 
   `selection`: how the metrics were computed, {'method': 'decode', 'mode': '[NLU]'}: what
   evaluating the best parameters should default to."""
-  path = _orbax_path(join(model_dir, BEST))
-  ocp.PyTreeCheckpointer().save(path, {'params': network.unstack_layers(params, config)},
-                                force=True)
+  path, tree = join(model_dir, BEST), {'params': network.unstack_layers(params, config)}
+  if orbax_writes(path):
+    ocp.PyTreeCheckpointer().save(_orbax_path(path), tree, force=True)
+  else:
+    with tempfile.TemporaryDirectory() as local:
+      ocp.PyTreeCheckpointer().save(os.path.join(local, BEST), tree, force=True)
+      if jax.process_index() == 0:
+        rmtree(path)
+        copy_tree(os.path.join(local, BEST), path)
   best = {'step': step, 'metric': metric, 'value': metrics[metric], 'metrics': dict(metrics),
           'selection': dict(selection or {})}
   if jax.process_index() == 0:
