@@ -1,7 +1,8 @@
 """Training-step throughput and MFU of ul2's jitted train_step, next to HF transformers' PyTorch
 T5ForConditionalGeneration doing the same training step in the same run: the two sides
 alternate in rounds of a few steps (`--rounds`, `--steps`), so both meet the same machine load,
-and each reports its median step time and the spread over its rounds.
+and each reports its median step time and the spread over its rounds. The PyTorch side runs in
+a process of its own, so that each side's peak resident memory (RSS) is its own.
 
     python scripts/bench_train.py                              # ul2_cpu model, CPU, f32 + bf16
     python scripts/bench_train.py --model=base --batch_size=32 --inputs_length=512 \\
@@ -23,7 +24,9 @@ accelerator image that has only JAX; without it the batches are real packed MoD 
 
 from __future__ import annotations
 
+import gc
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -146,6 +149,7 @@ class JaxSide:
     memory = jax.devices()[0].memory_stats() or {}
     return {'peak_memory_gib': memory['peak_bytes_in_use'] / 2**30
             if 'peak_bytes_in_use' in memory else None,
+            'peak_rss_gib': flops_lib.peak_rss_gib(), 'pid': os.getpid(),
             **rates, 'final_loss': float(self.metrics['loss'])}
 
 
@@ -197,14 +201,61 @@ class TorchSide:
       loss.backward()
       self.opt.step()
       self.opt.zero_grad(set_to_none=True)
-      self.loss = float(loss)
+      self.loss = float(loss.detach())
       self.done += 1
     return (time.perf_counter() - start) / steps
 
   def report(self, seconds: float) -> dict:
     args = self.args
     return {'tokens_per_s': args.batch_size * (args.inputs_length + args.targets_length)
-            / seconds, 'final_loss': self.loss, **self.versions}
+            / seconds, 'final_loss': self.loss, 'peak_rss_gib': flops_lib.peak_rss_gib(),
+            'pid': os.getpid(), **self.versions}
+
+
+class TorchProcess:
+  """A `TorchSide` in a process of its own, driven over a pipe: its peak RSS is PyTorch's
+  alone, not the sum with JAX's in one process."""
+
+  name = 'torch'
+
+  def __init__(self, cfg: network.Config, args, batches, dtype: str):
+    context = multiprocessing.get_context('spawn')  # no fork of a process running XLA
+    self.conn, child = context.Pipe()
+    self.process = context.Process(target=_torch_process, daemon=True,
+                                   args=(child, cfg, args, batches, dtype))
+    self.process.start()
+    self._answer()  # built, or its ImportError
+
+  def _answer(self):
+    ok, value = self.conn.recv()
+    if not ok:
+      self.process.join()
+      raise value
+    return value
+
+  def round(self, steps: int) -> float:
+    self.conn.send(('round', steps))
+    return self._answer()
+
+  def report(self, seconds: float) -> dict:
+    self.conn.send(('report', seconds))
+    report = self._answer()
+    self.process.join()
+    return report
+
+
+def _torch_process(conn, cfg, args, batches, dtype) -> None:
+  try:
+    side = TorchSide(cfg, args, batches, dtype)
+  except Exception as e:
+    conn.send((False, e))
+    return
+  conn.send((True, None))
+  while True:
+    command, value = conn.recv()
+    conn.send((True, getattr(side, command)(value)))
+    if command == 'report':
+      return
 
 
 def interleaved(sides, args) -> dict[str, dict]:
@@ -245,10 +296,13 @@ def main(argv=None):
       print(f'No PyTorch peer for a {cfg.architecture} model: transformers has no T5-style '
             'relative-position decoder-only class.')
       args.no_torch = True
+    sides = None
+    gc.collect()  # the previous configuration's arrays, before this one's peak is measured
+    flops_lib.reset_peak_memory()
     sides = [JaxSide(cfg, args, batches)]
     if not args.no_torch:
       try:
-        sides.append(TorchSide(cfg, args, batches, dtype))
+        sides.append(TorchProcess(cfg, args, batches, dtype))
       except ImportError as e:
         print(f'PyTorch peer skipped ({e}); install the bench extra: pip install -e ".[bench]"')
         args.no_torch = True
@@ -258,13 +312,14 @@ def main(argv=None):
             f'({jax_run["seconds_per_step"]:.3f} s/step, spread {jax_run["spread"]:.0%}')
     line += f', MFU {jax_run["mfu"]:.1%}' if jax_run['mfu'] else ''
     if jax_run['peak_memory_gib']:
-      line += f', peak memory {jax_run["peak_memory_gib"]:.1f} GiB'
-    line += ')'
+      line += f', device peak {jax_run["peak_memory_gib"]:.1f} GiB'
+    line += f', peak RSS {jax_run["peak_rss_gib"]:.2f} GiB)'
     if 'torch' in entry:
-      entry['jax_over_torch'] = jax_run['tokens_per_s'] / entry['torch']['tokens_per_s']
-      line += (f'   HF PyTorch {entry["torch"]["tokens_per_s"]:>10,.0f} tokens/s (spread '
-               f'{entry["torch"]["spread"]:.0%})   ratio of medians '
-               f'{entry["jax_over_torch"]:.2f}x (target >= 1.0x)')
+      torch_run = entry['torch']
+      entry['jax_over_torch'] = jax_run['tokens_per_s'] / torch_run['tokens_per_s']
+      line += (f'   HF PyTorch {torch_run["tokens_per_s"]:>10,.0f} tokens/s (spread '
+               f'{torch_run["spread"]:.0%}, peak RSS {torch_run["peak_rss_gib"]:.2f} GiB)   '
+               f'ratio of medians {entry["jax_over_torch"]:.2f}x (target >= 1.0x)')
     results['runs'][dtype] = entry
     print(line, flush=True)
   results['load_end'] = flops_lib.machine_load('end')

@@ -413,6 +413,9 @@ def test_bench_train_alternates_jax_and_pytorch_rounds():
     assert np.isfinite(entry[side]['final_loss'])
   assert entry['jax_over_torch'] == pytest.approx(
       entry['torch']['seconds_per_step'] / entry['jax']['seconds_per_step'])
+  # Each side's peak resident memory is its own: PyTorch runs in a process of its own.
+  assert entry['jax']['pid'] == os.getpid() != entry['torch']['pid']
+  assert all(0.1 < entry[side]['peak_rss_gib'] < 64 for side in ('jax', 'torch'))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,6 +83,34 @@ def machine_load(when: str, log=print) -> dict[str, float]:
   return {'load_average': load, 'cores': cores}
 
 
+def reset_peak_memory() -> None:
+  """Starts a new high-water mark of this process's resident memory (Linux's
+  /proc/self/clear_refs), so that `peak_rss_gib` measures what runs after it; elsewhere the
+  mark keeps counting from the process's start."""
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+  except OSError:
+    pass
+
+
+def peak_rss_gib() -> float | None:
+  """This process's peak resident memory (VmHWM; `ru_maxrss` without /proc) in GiB since it
+  started or since `reset_peak_memory`."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) / 2**20  # kB
+  except OSError:
+    pass
+  try:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  except ImportError:
+    return None
+
+
 def throughput(flops: float, tokens_per_step: int, seconds_per_step: float, devices: int,
                peak_flops_per_device: float | None) -> dict[str, float | None]:
   """tokens/s, model TFLOP/s and MFU (None without a known peak) of a measured step time."""
