@@ -304,3 +304,37 @@ def test_bench_decode_compares_with_hf_generate_on_the_same_weights(tmp_path):
   assert methods['greedy']['greedy_equal_rows'] == 2
   assert methods['score']['score_max_abs_diff'] < 1e-3
   assert 'load_start' in report and 'load_end' in report
+
+
+@pytest.mark.parametrize('scan', [False, True], ids=['unscanned', 'scanned'])
+def test_the_cross_attention_cache_holds_the_encoder_keys_and_values_steps_then_read(scan):
+  """`with_cross_attention_cache` adds each layer's encoder keys and values [batch, heads,
+  inputs, kv] and leaves the rest of the cache as it was; a step reading them gives what a
+  step computing them gives, and the keys are the layer's own projection of the encoding."""
+  import dataclasses
+  cfg = dataclasses.replace(CFG, scan_layers=scan)
+  model, params, enc = network.Transformer(cfg), init(cfg), inputs()
+  encoded = model.apply({'params': params}, enc, method='encode')
+  empty = network.init_decoding_cache(model, 4, 7, 5)
+  cache = network.with_cross_attention_cache(model, params, empty, encoded, enc, 5)
+  flat, before = (flax.traverse_util.flatten_dict(c) for c in (cache, empty))
+  added = {k: v for k, v in flat.items() if k not in before}
+  assert sorted({k[-1] for k in added}) == ['cross_key', 'cross_value']
+  assert len(added) == 2 * (1 if scan else CFG.num_decoder_layers)
+  for key, value in before.items():
+    np.testing.assert_array_equal(flat[key], value)
+  for value in added.values():  # a scanned stack has a leading layer axis
+    assert value.shape == (CFG.num_decoder_layers,) * bool(scan) + (4, 2, 7, 8)
+  if not scan:
+    kernel = params['decoder']['layers_0']['encoder_decoder_attention']['key']['kernel']
+    want = (encoded @ kernel).reshape(4, 7, 2, 8).transpose(0, 2, 1, 3)
+    got = flat[('decoder', 'layers_0', 'encoder_decoder_attention', 'cross_key')]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+  def step(start):
+    logits, _ = model.apply({'params': params, 'cache': start}, encoded, enc,
+                            jnp.zeros((4, 1), jnp.int32), decode=True, max_decode_length=5,
+                            method='decode', mutable=['cache'])
+    return logits
+  # The same products, fused differently: equal to float32 rounding.
+  np.testing.assert_allclose(step(cache), step(empty), rtol=1e-5, atol=1e-6)

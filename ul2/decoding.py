@@ -68,6 +68,8 @@ def _start(model, params, inputs: jax.Array, max_decode_length: int, repeat: int
   encoded, enc_tokens = _encode(model, params, inputs, repeat)
   cache = network.init_decoding_cache(model, enc_tokens.shape[0], enc_tokens.shape[1],
                                       max_decode_length)
+  cache = network.with_cross_attention_cache(model, params, cache, encoded, enc_tokens,
+                                             max_decode_length)
   step = _step_fn(model, params, encoded=encoded, encoder_input_tokens=enc_tokens,
                   max_decode_length=max_decode_length)
   return step, cache, jnp.full((enc_tokens.shape[0],), PAD_ID, jnp.int32)
@@ -189,15 +191,17 @@ def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
 
 def _gather_beams(tree: Any, indices: jax.Array, batch: int, beams: int, axis: int) -> Any:
   """Picks beam rows ([batch * beams] on `axis`) of every array: new beam j of batch row b is
-  old beam `indices[b, j]`."""
-  def gather(x):
-    if x.ndim <= axis or x.shape[axis] != batch * beams:
+  old beam `indices[b, j]`. The cross-attention cache is the same for every beam of a row
+  (the row's encoding, repeated), so it stays as it is."""
+  def gather(path, x):
+    if (x.ndim <= axis or x.shape[axis] != batch * beams
+        or getattr(path[-1], 'key', None) in network.CROSS_ATTENTION_CACHE):
       return x
     shape = x.shape
     x = x.reshape(shape[:axis] + (batch, beams) + shape[axis + 1:])
     idx = indices.reshape((1,) * axis + (batch, beams) + (1,) * (x.ndim - axis - 2))
     return jnp.take_along_axis(x, idx, axis=axis + 1).reshape(shape)
-  return jax.tree.map(gather, tree)
+  return jax.tree_util.tree_map_with_path(gather, tree)
 
 
 def _top(scores: jax.Array, k: int) -> jax.Array:

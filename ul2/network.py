@@ -303,6 +303,14 @@ class MultiHeadDotProductAttention(nn.Module):
   at the row's `cache_index` and attend to positions `<= cache_index`. A call with
   `prefill_lengths` [batch] instead fills the cache with a whole prompt in one pass (a
   decoder-only model's inputs) and sets each row's `cache_index` to its value.
+
+  `cross` (encoder-decoder attention) in decode mode: the keys and values of `inputs_kv` (the
+  encoded inputs, the same at every step) are read from the cache's `cross_key` and
+  `cross_value` [batch, heads, length, kv], the layout the step's products read, when it has
+  them; a step without them computes them and adds them to the cache
+  (`with_cross_attention_cache` does that once before a decoding loop). XLA hoists the
+  projections out of a loop, but not the transposes that feed the batched products, which
+  would copy both arrays at every step.
   """
 
   num_heads: int
@@ -312,6 +320,7 @@ class MultiHeadDotProductAttention(nn.Module):
   float32_logits: bool = True
   deterministic: bool = True
   decode: bool = False
+  cross: bool = False
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None = None,
@@ -334,7 +343,17 @@ class MultiHeadDotProductAttention(nn.Module):
     axes = ('batch', 'length', 'heads', 'kv')
     query, key, value = (_constrain(t, axes) for t in (query, key, value))
 
-    if self.decode:
+    heads_major = False  # key and value as [batch, heads, length, kv]
+    if self.decode and self.cross and not self.is_initializing():
+      if self.has_variable('cache', 'cross_key'):
+        key, value = self.get_variable('cache', 'cross_key'), self.get_variable(
+            'cache', 'cross_value')
+      else:
+        key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
+        self.put_variable('cache', 'cross_key', key)
+        self.put_variable('cache', 'cross_value', value)
+      heads_major = True
+    elif self.decode:
       is_initialized = self.has_variable('cache', 'cached_key')
       cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
       cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
@@ -355,10 +374,11 @@ class MultiHeadDotProductAttention(nn.Module):
         if q_length != 1:
           raise ValueError(f'Cached decoding takes one token per step, got {q_length}.')
         index = cache_index.value  # [batch]
-        write = jax.vmap(lambda cache, new, i: jax.lax.dynamic_update_slice_in_dim(
-            cache, new, i, axis=0))
-        key = write(cached_key.value, key.astype(cached_key.value.dtype), index)
-        value = write(cached_value.value, value.astype(cached_value.value.dtype), index)
+        # Row b's new key and value go to position index[b]: a select over the cache, which
+        # XLA fuses, rather than a scatter per row.
+        at = (jnp.arange(max_length)[None, :] == index[:, None])[:, :, None, None]
+        key = jnp.where(at, key.astype(cached_key.value.dtype), cached_key.value)
+        value = jnp.where(at, value.astype(cached_value.value.dtype), cached_value.value)
         cached_key.value, cached_value.value = key, value
         cache_index.value = index + 1
         # Each row's query sees every cached position up to and including its own.
@@ -369,7 +389,8 @@ class MultiHeadDotProductAttention(nn.Module):
 
     logits_dtype = jnp.float32 if self.float32_logits else self.dtype
     # [batch, q, heads, kv] x [batch, k, heads, kv] -> [batch, heads, q, k]
-    logits = jnp.einsum('bqhd,bkhd->bhqk', query.astype(logits_dtype), key.astype(logits_dtype))
+    logits = jnp.einsum('bqhd,bhkd->bhqk' if heads_major else 'bqhd,bkhd->bhqk',
+                        query.astype(logits_dtype), key.astype(logits_dtype))
     attention_bias = _mask_to_bias(mask, bias, logits_dtype)
     if attention_bias is not None:
       logits = logits + attention_bias
@@ -377,7 +398,8 @@ class MultiHeadDotProductAttention(nn.Module):
     if not self.deterministic and self.dropout_rate > 0.0:
       weights = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(weights, deterministic=False)
     # [batch, heads, q, k] x [batch, k, heads, kv] -> [batch, q, heads * kv]
-    out = jnp.einsum('bhqk,bkhd->bqhd', weights, value.astype(self.dtype))
+    out = jnp.einsum('bhqk,bhkd->bqhd' if heads_major else 'bhqk,bkhd->bqhd', weights,
+                     value.astype(self.dtype))
     out = out.reshape(batch, q_length, joined)
     return Dense(inputs_q.shape[-1], ('joined_kv', 'embed'), kernel_init=kernel_init,
                  dtype=self.dtype, name='out')(out)
@@ -466,8 +488,8 @@ class DecoderLayer(nn.Module):
     x = x + _dropout(cfg, self.deterministic)(y)
     if encoded is not None:
       y = norm(name='pre_cross_attention_layer_norm')(x)
-      y = _attention(cfg, self.deterministic, name='encoder_decoder_attention')(
-          y, encoded, mask=cross_mask)
+      y = _attention(cfg, self.deterministic, decode=self.decode, cross=True,
+                     name='encoder_decoder_attention')(y, encoded, mask=cross_mask)
       x = x + _dropout(cfg, self.deterministic)(y)
     x = _mlp_sublayer(cfg, self.deterministic, x)
     return (x, None) if self.scanned else x
@@ -803,6 +825,25 @@ def init_decoding_cache(model: Model, batch_size: int, inputs_length: int,
     return model.init(rng, encoder_tokens, decoder_tokens, decoder_tokens, decode=True)
   shapes = jax.eval_shape(init, jax.random.key(0))['cache']
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+CROSS_ATTENTION_CACHE = ('cross_key', 'cross_value')  # names in a decoding cache
+
+
+def with_cross_attention_cache(model: Transformer, params: Any, cache: Any, encoded: Array,
+                               encoder_input_tokens: Array, max_decode_length: int) -> Any:
+  """`cache` (`init_decoding_cache`) with each decoder layer's cross-attention keys and
+  values of `encoded` [batch, inputs, embed] added, so that the steps of a decoding loop read
+  them (`MultiHeadDotProductAttention`, `cross`). One step is run for them; its
+  self-attention writes are dropped, so the cache is otherwise as given."""
+  _, mutated = model.apply(
+      {'params': params, 'cache': cache}, encoded, encoder_input_tokens,
+      jnp.zeros((encoded.shape[0], 1), jnp.int32), decode=True,
+      max_decode_length=max_decode_length, method='decode', mutable=['cache'])
+  added = {path: value for path, value in flax.traverse_util.flatten_dict(
+      mutated['cache']).items() if path[-1] in CROSS_ATTENTION_CACHE}
+  return flax.traverse_util.unflatten_dict(
+      {**flax.traverse_util.flatten_dict(cache), **added})
 
 
 def token_log_likelihoods(logits: Array, targets: Array) -> Array:
