@@ -414,3 +414,27 @@ def test_stack_layers_rejects_a_tree_of_the_wrong_depth():
 def test_docstring_examples(module):
   result = doctest.testmod(module, extraglobs={'np': np, 'jnp': jnp, 'jax': jax})
   assert result.attempted > 0 and result.failed == 0
+
+
+def test_importing_ul2_sets_the_xla_cpu_flags_unless_told_not_to():
+  """The XLA:CPU defaults reach XLA_FLAGS before JAX starts its client; a value the user set
+  stays, and UL2_XLA_CPU_DEFAULTS=0 leaves XLA_FLAGS alone."""
+  import subprocess
+  import sys
+  import ul2
+  (name, value), = ul2.XLA_CPU_FLAGS.items()
+  code = ('import os, ul2, jax, jax.numpy as jnp\n'
+          'jax.jit(lambda x: x @ x)(jnp.ones((4, 4))).block_until_ready()\n'
+          'print(os.environ.get("XLA_FLAGS"))\n')
+
+  def flags(**env):
+    base = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'UL2_XLA_CPU_DEFAULTS')}
+    out = subprocess.run([sys.executable, '-c', code], env={**base, **env}, check=True,
+                         capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1]
+
+  assert flags() == f'--{name}={value}'
+  assert flags(XLA_FLAGS='--xla_force_host_platform_device_count=2') == (
+      f'--xla_force_host_platform_device_count=2 --{name}={value}')
+  assert flags(XLA_FLAGS=f'--{name}=LIBRARY_FUSION_TYPE_DOT') == f'--{name}=LIBRARY_FUSION_TYPE_DOT'
+  assert flags(UL2_XLA_CPU_DEFAULTS='0') == 'None'
