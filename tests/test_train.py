@@ -418,6 +418,23 @@ def test_bench_train_alternates_jax_and_pytorch_rounds():
   assert all(0.1 < entry[side]['peak_rss_gib'] < 64 for side in ('jax', 'torch'))
 
 
+def test_bench_matmul_reports_both_sides_and_what_xla_multiplies(tmp_path):
+  """scripts/bench_matmul.py: both dtypes on both sides, and the element type of the
+  products in XLA's optimized HLO (float32 products take float32 operands)."""
+  import bench_matmul
+  report = bench_matmul.main(['--m', '64', '--k', '32', '--n', '48', '--rounds', '1',
+                              '--calls', '1', '--json', str(tmp_path / 'matmul.json')])
+  assert report['shape'] == [64, 32, 48]
+  assert report['xla_dot_operand_types']['float32'] == ['f32']
+  assert set(report['xla_dot_operand_types']['bfloat16']) <= {'f32', 'bf16'}
+  for dtype in ('float32', 'bfloat16'):
+    entry = report['runs'][dtype]
+    assert entry['jax']['gflops'] > 0 and entry['torch']['gflops'] > 0
+    assert entry['jax_over_torch'] == pytest.approx(
+        entry['torch']['seconds'] / entry['jax']['seconds'])
+  assert json.loads((tmp_path / 'matmul.json').read_text())['shape'] == [64, 32, 48]
+
+
 # ---------------------------------------------------------------------------------------------
 # Preemption
 # ---------------------------------------------------------------------------------------------
@@ -642,7 +659,8 @@ def test_every_script_has_full_help_without_loading_tensorflow():
   import re
   scripts = os.path.join(os.path.dirname(TESTS), 'scripts')
   for name in ('train', 'eval', 'infer', 'inspect_task', 'bench_data', 'bench_train',
-               'export_hf', 'export_t5x', 'convert_t5x_gin', 'ablate', 'bench_decode'):
+               'export_hf', 'export_t5x', 'convert_t5x_gin', 'ablate', 'bench_decode',
+               'bench_matmul'):
     code = ('import contextlib, io, runpy, sys\n'
             f'sys.argv = [{name!r}, "--help"]; sys.path.insert(0, {scripts!r})\n'
             'out = io.StringIO()\n'

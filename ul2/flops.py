@@ -76,9 +76,12 @@ def machine_load(when: str, log=print) -> dict[str, float]:
   import os
   load, cores = os.getloadavg()[0], os.cpu_count() or 1
   line = f'load average at {when}: {load:.2f} ({cores} cores)'
-  if load > cores:
+  if load > cores and when == 'start':
     line += ('. WARNING: above the core count: other work is running, so these figures are '
              'not comparable with a quiet run')
+  elif load > cores:  # the last minute holds the benchmark's own threads too
+    line += ('. WARNING: above the core count; it counts this benchmark\'s own threads over '
+             'the last minute: if the start was quiet, other work may still have run')
   log(line)
   return {'load_average': load, 'cores': cores}
 
