@@ -14,7 +14,6 @@ tokens are equal. Needs the `hf` (or `bench`) extra for the HF side; `--no_hf` t
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -175,10 +174,7 @@ def main(argv=None):
         line += f'   scores differ by {entry["score_max_abs_diff"]:.1e} at most'
     report['methods'][method] = entry
     print(line, flush=True)
-  report['load_end'] = flops.machine_load('end')
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(report, f, indent=1)
+  flops.finish_report(report, args.json)
   return report
 
 

@@ -15,7 +15,6 @@ Needs the `bench` extra for the PyTorch side.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -121,10 +120,7 @@ def main(argv=None):
   if 'bf16' not in report['xla_dot_operand_types']['bfloat16']:
     print('XLA converts the bfloat16 operands to float32 before every product on this '
           'CPU: its bfloat16 step cannot be faster than its float32 one.')
-  report['load_end'] = flops.machine_load('end')
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(report, f, indent=1)
+  flops.finish_report(report, args.json)
   return report
 
 

@@ -25,7 +25,6 @@ accelerator image that has only JAX; without it the batches are real packed MoD 
 from __future__ import annotations
 
 import gc
-import json
 import multiprocessing
 import os
 import sys
@@ -322,10 +321,7 @@ def main(argv=None):
                f'ratio of medians {entry["jax_over_torch"]:.2f}x (target >= 1.0x)')
     results['runs'][dtype] = entry
     print(line, flush=True)
-  results['load_end'] = flops_lib.machine_load('end')
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(results, f, indent=1)
+  flops_lib.finish_report(results, args.json)
   if args.synthetic:
     assert 'tensorflow' not in sys.modules and 'seqio' not in sys.modules
   return results

@@ -86,6 +86,17 @@ def machine_load(when: str, log=print) -> dict[str, float]:
   return {'load_average': load, 'cores': cores}
 
 
+def finish_report(report: dict, json_path: str | None) -> dict:
+  """A benchmark's end: the load average at the end (`machine_load`) into `report`, which is
+  also written to `json_path` as JSON when given; returns `report`."""
+  import json
+  report['load_end'] = machine_load('end')
+  if json_path:
+    with open(json_path, 'w') as f:
+      json.dump(report, f, indent=1)
+  return report
+
+
 def reset_peak_memory() -> None:
   """Starts a new high-water mark of this process's resident memory (Linux's
   /proc/self/clear_refs), so that `peak_rss_gib` measures what runs after it; elsewhere the
