@@ -224,6 +224,29 @@ def test_two_processes_on_localhost_match_one_process(tmp_path):
       (2, 2, [0]), (2, 2, [1])]
 
 
+def test_two_processes_refuse_a_model_dir_only_a_local_copy_could_serve(tmp_path):
+  """ram:// (a scheme orbax does not write, served through a local copy of the checkpoints)
+  with two jax.distributed processes: each stops with the one-line reason before training."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = str(s.getsockname()[1])
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([TESTS, os.path.dirname(TESTS)])}
+  env.pop('XLA_FLAGS', None)
+  procs = [subprocess.Popen([sys.executable, os.path.join(TESTS, 'multiprocess_train.py'),
+                             str(i), port, 'ram://bucket/two_processes',
+                             str(tmp_path / 'result.json')],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+           for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  for proc, log in zip(procs, logs):
+    assert proc.returncode != 0, log[-3000:]
+    assert ('CheckpointError: model_dir ram://bucket/two_processes: orbax cannot write ram:// '
+            'itself, and the local copy that stands in for it serves one process') in log, (
+                log[-3000:])
+  assert not (tmp_path / 'result.json').exists()
+
+
 def test_microbatches_equal_one_full_batch(tmp_path):
   batch = fixed_batch(32)  # 4 microbatches of 8 rows: one per data shard
   full = run(str(tmp_path / 'full'), steps=3, batches=repeat(batch), eval_split=None,
