@@ -136,7 +136,7 @@ def orbax_writes(path: str) -> bool:
 def open_file(path: str, mode: str = 'r'):
   if not is_url(path):
     return open(path, mode)
-  if 'w' in mode and _gfile().exists(path):
+  if 'w' in mode and scheme(path) == 'ram' and _gfile().exists(path):
     _gfile().remove(path)  # ram:// appends to a file opened for writing instead of replacing it
   return _gfile().GFile(path, mode)
 
@@ -297,9 +297,9 @@ def load(path: str, config: network.Config | None = None, ignore_extra: bool = F
                             'model_dir, its checkpoints/<step> or best/, an HF or a T5X '
                             'checkpoint directory.')
   if is_url(path):
-    if config is None and not _is_hf_url(path):
-      config = read_model_config(path)
     with _local_copy(resolve_checkpoint(path)) as local:
+      if config is None and not interop.is_hf_directory(local):
+        config = read_model_config(path)  # above the step folder the copy holds
       return load(local, config, ignore_extra)
   if interop.is_hf_directory(path):
     params, hf_config = interop.load_hf(path)
@@ -330,10 +330,6 @@ def read_optimizer_state(path: str) -> tuple[Any, int] | tuple[None, None]:
   if 'opt_state' not in tree:
     return None, None
   return adafactor.AdafactorState(**tree['opt_state']), int(tree['step'])
-
-
-def _is_hf_url(path: str) -> bool:
-  return exists(join(path, 'config.json'))
 
 
 @contextlib.contextmanager
