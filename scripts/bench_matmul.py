@@ -1,22 +1,30 @@
-"""Why bfloat16 training on a CPU is slower in JAX than in PyTorch: one matrix product of a
-train step's size in float32 and bfloat16, XLA:CPU against PyTorch, and what XLA compiles the
-bfloat16 product to.
+"""The matrix products of a bfloat16 train step on a CPU, XLA:CPU against PyTorch: one
+projection's forward product and its two gradient products, as a train step runs them for
+every layer, in float32 and bfloat16, and what XLA compiles the bfloat16 products to.
 
-    python scripts/bench_matmul.py                       # [4096, 512] x [512, 1024], 2 products
+    python scripts/bench_matmul.py                       # [4096, 512] x [512, 1024]
     python scripts/bench_matmul.py --m 8192 --k 512 --n 2048 --rounds 9
 
-Each side runs `tanh(a @ b) @ b.T` (two products, as a layer's forward has) in rounds that
-alternate between the sides; per side and dtype the median GFLOP/s. The report also says
-whether the bfloat16 products in XLA's optimized HLO still take bfloat16 operands, or are
-converted to float32 first (then bfloat16 is no faster than float32), and which matrix
-instructions the CPU has (AMX, AVX512-BF16: what PyTorch's oneDNN uses for bfloat16).
-Needs the `bench` extra for the PyTorch side.
+`x` [m, k] (activations) times `kernel` [k, n] (a float32 parameter), then the gradients
+with respect to both: three products. Three implementations alternate in rounds, so they meet
+the same machine load; per dtype and side the median GFLOP/s:
+
+- `xla`: the plain product, `jnp.dot(x, kernel.astype(dtype))`. jaxlib 0.10.2 converts the
+  operands of these bfloat16 products to float32 before multiplying, so they run at float32
+  speed.
+- `ul2`: `ul2.network.dot`, what the network's layers call: on CPUs the bfloat16 products
+  reach XLA:CPU's bfloat16 library (YNNPACK) in the form it takes (bfloat16 operands, float32
+  result, row-major operands); the same numbers up to the order of the float32 sums.
+- `torch`: PyTorch, the same products through autograd (oneDNN, AMX where the CPU has it).
+
+The report also says which element types the products in XLA's optimized HLO take, per
+implementation, and which matrix instructions the CPU has (AMX, AVX512-BF16). Needs the
+`bench` extra for the PyTorch side.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -26,9 +34,9 @@ import gin_cli  # noqa: E402
 
 def parse_args(argv=None):
   p = gin_cli.argument_parser(__doc__)
-  p.add_argument('--m', type=int, default=4096, help='rows of a (batch x length)')
+  p.add_argument('--m', type=int, default=4096, help='rows of x (batch x length)')
   p.add_argument('--k', type=int, default=512, help='contracted dimension (embed)')
-  p.add_argument('--n', type=int, default=1024, help='columns of b (mlp)')
+  p.add_argument('--n', type=int, default=1024, help='columns of the kernel (mlp)')
   p.add_argument('--rounds', type=int, default=5, help='timed rounds per side and dtype')
   p.add_argument('--calls', type=int, default=10, help='calls per round')
   p.add_argument('--json', default=None, help='also write the results to this file')
@@ -45,27 +53,32 @@ def cpu_matrix_features() -> list[str]:
   return sorted(f for f in set(flags) if f.startswith('amx') or f == 'avx512_bf16')
 
 
-def jax_side(args):
-  """{dtype: call} and {dtype: the element types XLA's optimized HLO multiplies}."""
+def jax_sides(args):
+  """{side: {dtype: call}} for 'xla' and 'ul2', and {side: {dtype: operand types of the
+  three products in XLA's optimized HLO}}."""
   import jax
   import jax.numpy as jnp
+
+  from ul2 import flops, network
+  products = {'xla': lambda x, kernel, dtype: jnp.dot(x, kernel.astype(dtype)),
+              'ul2': network.dot}
   calls, operand_types = {}, {}
-  for name, dtype in (('float32', jnp.float32), ('bfloat16', jnp.bfloat16)):
-    key = jax.random.key(0)
-    a = jax.random.normal(key, (args.m, args.k), dtype)
-    b = jax.random.normal(jax.random.fold_in(key, 1), (args.k, args.n), dtype)
-    f = jax.jit(lambda a, b: jnp.tanh(a @ b) @ b.T)
-    hlo = f.lower(a, b).compile().as_text()
-    # The operands of every dot: 'f32[4096,512]' etc., wherever XLA fused them.
-    types = set()
-    for line in hlo.splitlines():
-      match = re.search(r'= \S+ dot\((.*?)\)', line)
-      if match:
-        for operand in match.group(1).split(', '):
-          types.update(re.findall(r'%(\S+)', operand))
-    defined = dict(re.findall(r'%(\S+) = (\w+)\[', hlo))
-    operand_types[name] = sorted({defined.get(t, '?') for t in types})
-    calls[name] = (lambda f=f, a=a, b=b: f(a, b).block_until_ready())
+  for side, product in products.items():
+    calls[side], operand_types[side] = {}, {}
+    for name, dtype in (('float32', jnp.float32), ('bfloat16', jnp.bfloat16)):
+      key = jax.random.key(0)
+      x = jax.random.normal(key, (args.m, args.k), dtype)
+      kernel = jax.random.normal(jax.random.fold_in(key, 1), (args.k, args.n)) * 0.05
+      cotangent = jax.random.normal(jax.random.fold_in(key, 2), (args.m, args.n), dtype)
+
+      def loss(x, kernel, product=product, dtype=dtype, cotangent=cotangent):
+        return jnp.sum((product(x, kernel, dtype) * cotangent).astype(jnp.float32))
+
+      step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+      hlo = step.lower(x, kernel).compile().as_text()
+      operand_types[side][name] = sorted({'/'.join(t) for t in flops.dot_operand_types(hlo)})
+      calls[side][name] = (lambda step=step, x=x, kernel=kernel:
+                           jax.block_until_ready(step(x, kernel)))
   return calls, operand_types
 
 
@@ -75,9 +88,14 @@ def torch_side(args):
   calls = {}
   for name, dtype in (('float32', torch.float32), ('bfloat16', torch.bfloat16)):
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(args.m, args.k, generator=g).to(dtype)
-    b = torch.randn(args.k, args.n, generator=g).to(dtype)
-    calls[name] = (lambda a=a, b=b: torch.tanh(a @ b) @ b.T)
+    x = torch.randn(args.m, args.k, generator=g).to(dtype).requires_grad_()
+    kernel = (torch.randn(args.k, args.n, generator=g) * 0.05).requires_grad_()
+    cotangent = torch.randn(args.m, args.n, generator=g).to(dtype)
+
+    def call(x=x, kernel=kernel, cotangent=cotangent, dtype=dtype):
+      x.grad = kernel.grad = None
+      (x @ kernel.to(dtype)).backward(cotangent)
+    calls[name] = call
   return calls, torch.__version__
 
 
@@ -88,15 +106,16 @@ def main(argv=None):
   args = parse_args(argv)
   report = {'shape': [args.m, args.k, args.n], 'cpu_features': cpu_matrix_features(),
             'load_start': flops.machine_load('start'), 'runs': {}}
-  sides = {}
-  sides['jax'], report['xla_dot_operand_types'] = jax_side(args)
+  jax_calls, report['xla_dot_operand_types'] = jax_sides(args)
+  sides = dict(jax_calls)
   try:
     sides['torch'], report['torch'] = torch_side(args)
   except ImportError as e:
     print(f'PyTorch side skipped ({e}); install the bench extra: pip install -e ".[bench]"')
-  gflop = 2 * 2 * args.m * args.k * args.n / 1e9  # two products
-  print(f'[{args.m}, {args.k}] x [{args.k}, {args.n}], two products ({gflop:.1f} GFLOP) per '
-        f'call; CPU matrix features: {", ".join(report["cpu_features"]) or "none"}')
+  gflop = 3 * 2 * args.m * args.k * args.n / 1e9  # forward and two gradient products
+  print(f'x [{args.m}, {args.k}] x kernel [{args.k}, {args.n}], forward and both gradients '
+        f'({gflop:.1f} GFLOP) per call; CPU matrix features: '
+        f'{", ".join(report["cpu_features"]) or "none"}')
   for dtype in ('float32', 'bfloat16'):
     times = {side: [] for side in sides}
     for side in sides:
@@ -109,17 +128,17 @@ def main(argv=None):
         times[side].append((time.perf_counter() - start) / args.calls)
     entry = {side: {'seconds': float(np.median(t)), 'gflops': gflop / float(np.median(t))}
              for side, t in times.items()}
-    line = (f'{dtype:>9}  XLA {entry["jax"]["gflops"]:7.1f} GFLOP/s (products on '
-            f'{"/".join(report["xla_dot_operand_types"][dtype])})')
+    line = f'{dtype:>9}'
+    for side in jax_calls:
+      types = ', '.join(report['xla_dot_operand_types'][side][dtype])
+      line += f'  {side} {entry[side]["gflops"]:7.1f} GFLOP/s ({types})'
     if 'torch' in entry:
-      entry['jax_over_torch'] = entry['torch']['seconds'] / entry['jax']['seconds']
-      line += (f'   PyTorch {entry["torch"]["gflops"]:7.1f} GFLOP/s   XLA / PyTorch '
-               f'{entry["jax_over_torch"]:.2f}x')
+      for side in jax_calls:
+        entry[f'{side}_over_torch'] = entry['torch']['seconds'] / entry[side]['seconds']
+      line += (f'  PyTorch {entry["torch"]["gflops"]:7.1f} GFLOP/s  xla / ul2 vs PyTorch '
+               f'{entry["xla_over_torch"]:.2f}x / {entry["ul2_over_torch"]:.2f}x')
     report['runs'][dtype] = entry
     print(line, flush=True)
-  if 'bf16' not in report['xla_dot_operand_types']['bfloat16']:
-    print('XLA converts the bfloat16 operands to float32 before every product on this '
-          'CPU: its bfloat16 step cannot be faster than its float32 one.')
   flops.finish_report(report, args.json)
   return report
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gin_cli
-from ul2 import network, partitioning
+from ul2 import flops, network, partitioning
 
 TINY = network.Config(vocab_size=512, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
                       num_encoder_layers=2, num_decoder_layers=2)
@@ -347,6 +347,84 @@ def test_bfloat16_activations_are_finite_and_close_to_float32():
   assert np.abs(p32 - p16).sum(-1).max() / 2 < 0.02  # total variation distance per position
 
 
+def _bfloat16_products(x, kernel, dot):
+  """The value of `dot(x, kernel)` and the gradients of a random linear loss of it."""
+  cotangent = jax.random.normal(jax.random.key(2), (x.shape[0], kernel.shape[1]))
+
+  def loss(x, kernel):
+    y = dot(x, kernel)
+    return jnp.sum(y.astype(jnp.float32) * cotangent), y
+
+  (_, y), (dx, dkernel) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, kernel)
+  return y, dx, dkernel
+
+
+def test_bfloat16_products_on_cpu_equal_the_plain_product_and_its_gradients():
+  x = jax.random.normal(jax.random.key(0), (96, 48)).astype(jnp.bfloat16)  # [tokens, in]
+  kernel = jax.random.normal(jax.random.key(1), (48, 80)) * 0.2  # [in, out], float32
+  ours = _bfloat16_products(x, kernel, lambda x, k: network.dot(x, k, jnp.bfloat16))
+  plain = _bfloat16_products(x, kernel, lambda x, k: jnp.dot(x, k.astype(jnp.bfloat16)))
+  for name, a, b in zip(('y', 'dx', 'dkernel'), ours, plain):
+    assert a.dtype == b.dtype, name  # bfloat16, bfloat16, float32 (the parameter's)
+    # Both sum the same exact products in float32 and round once to bfloat16; only the order
+    # of the sums differs, so they agree to one bfloat16 step (2^-8 relative).
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=2 ** -7, atol=1e-6 * np.abs(b).max(), err_msg=name)
+    assert np.mean(a == b) > 0.9, name
+  assert ours[2].dtype == jnp.float32 and ours[0].dtype == jnp.bfloat16
+
+
+def test_bfloat16_products_reach_xla_cpus_bfloat16_library():
+  """The reason `network.dot` exists: jaxlib 0.10.2 converts the operands of a plain bfloat16
+  product (and of its two gradient products) to float32 and multiplies at float32 speed; the
+  forms `network.dot` gives them keep all three products bfloat16 x bfloat16 -> float32 in
+  XLA:CPU's library (YNNPACK)."""
+  if jax.default_backend() != 'cpu':
+    pytest.skip('XLA:CPU only')
+  x = jnp.zeros((256, 64), jnp.bfloat16)
+  kernel = jnp.zeros((64, 128), jnp.float32)
+
+  def compiled(dot):
+    grad = jax.grad(lambda x, k: jnp.sum(jnp.square(dot(x, k).astype(jnp.float32))),
+                    argnums=(0, 1))
+    return jax.jit(grad).lower(x, kernel).compile().as_text()
+
+  ours = compiled(lambda x, k: network.dot(x, k, jnp.bfloat16))
+  assert flops.dot_operand_types(ours) == [('bf16', 'bf16')] * 3
+  assert ours.count('"kind":"__ynn_fusion"') == 3
+  plain = compiled(lambda x, k: jnp.dot(x, k.astype(jnp.bfloat16)))
+  plain_types = flops.dot_operand_types(plain)
+  assert len(plain_types) == 3 and ('bf16', 'bf16') not in plain_types
+
+
+def test_bfloat16_gradients_agree_with_scan_and_remat_and_with_float32():
+  params = init_params(TINY)
+  enc, dec = random_tokens(0, (2, 8), TINY.vocab_size), random_tokens(1, (2, 6), TINY.vocab_size)
+
+  def grads(cfg):
+    p = network.stack_layers(params, cfg) if cfg.scan_layers else params
+
+    def loss(p):
+      logits = network.Transformer(cfg).apply({'params': p}, enc, shift_right(dec), dec)
+      return -jnp.mean(network.token_log_likelihoods(logits, dec))
+
+    return flat(network.unstack_layers(jax.grad(loss)(p), cfg))
+
+  reference = grads(TINY)
+  bf16 = grads(dataclasses.replace(TINY, dtype='bfloat16'))
+  scanned = grads(dataclasses.replace(TINY, dtype='bfloat16', scan_layers=True,
+                                      remat_policy='minimal'))
+  for path, g in reference.items():
+    assert bf16[path].dtype == jnp.float32 and np.isfinite(bf16[path]).all(), path
+    # The same bfloat16 computation, scanned and rematerialised: equal up to the order XLA
+    # sums in (a few bfloat16 steps after a dozen rounded layers).
+    np.testing.assert_allclose(scanned[path], bf16[path], rtol=0.05,
+                               atol=0.02 * np.abs(bf16[path]).max(), err_msg=path)
+    # Against float32: the gradient's direction survives bfloat16 rounding.
+    cosine = np.sum(g * bf16[path]) / (np.linalg.norm(g) * np.linalg.norm(bf16[path]))
+    assert cosine > 0.99, (path, cosine)
+
+
 @pytest.mark.parametrize('data, model, dims', [(2, 4, 1), (2, 4, 2), (8, 1, 1)])
 def test_sharded_logits_equal_unsharded(data, model, dims):
   cfg = model_config('models/tiny.gin')
@@ -378,6 +456,38 @@ def test_sharded_logits_equal_unsharded(data, model, dims):
     logits = forward(sharded_params, sharded_batch)
   assert logits.sharding.spec[0] == 'data'
   np.testing.assert_allclose(logits, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_sharded_bfloat16_gradients_equal_unsharded():
+  """bfloat16 training on a 2-D mesh of 8 CPU devices: `network.dot`'s row-major copies split
+  like any array (the features over the model axis), and the gradients match one device's."""
+  cfg = dataclasses.replace(model_config('models/tiny.gin'), dtype='bfloat16')
+  net = network.Transformer(cfg)
+  enc = random_tokens(0, (8, 16), cfg.vocab_size)
+  targets = random_tokens(1, (8, 12), cfg.vocab_size)
+  batch = {'encoder_input_tokens': enc, 'decoder_input_tokens': shift_right(targets),
+           'decoder_target_tokens': targets}
+  boxed = jax.eval_shape(lambda r: network.init_params(cfg, r, boxed=True), jax.random.key(0))
+  params = network.init_params(cfg, jax.random.key(0))
+
+  @jax.jit
+  def grads(p, b):
+    return jax.grad(lambda p: -jnp.mean(network.token_log_likelihoods(
+        net.apply({'params': p}, **b), b['decoder_target_tokens'])))(p)
+
+  expected = flat(grads(params, batch))
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, model=4))
+  rules = partitioning.logical_axis_rules(2)
+  sharded_params = jax.device_put(params, partitioning.logical_shardings(boxed, mesh, rules))
+  sharded_batch = jax.device_put(
+      batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    got = flat(grads(sharded_params, sharded_batch))
+  for path, g in expected.items():
+    assert len(got[path].sharding.device_set) == 8, path
+    # bfloat16 sums in another order across devices: a few bfloat16 steps apart.
+    np.testing.assert_allclose(got[path], g, rtol=0.05, atol=0.02 * np.abs(g).max(),
+                               err_msg=path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,6 +97,28 @@ def finish_report(report: dict, json_path: str | None) -> dict:
   return report
 
 
+def dot_operand_types(compiled_hlo: str) -> list[tuple[str, ...]]:
+  """The element types of each matrix product's operands in XLA's optimized HLO text
+  (`jax.jit(f).lower(...).compile().as_text()`), wherever XLA fused the product.
+
+  >>> dot_operand_types('''
+  ... %fused (p0: bf16[8,4], p1: bf16[4,2]) -> f32[8,2] {
+  ...   %p0 = bf16[8,4]{1,0} parameter(0)
+  ...   %p1 = bf16[4,2]{1,0} parameter(1)
+  ...   ROOT %d = f32[8,2]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}
+  ... }''')
+  [('bf16', 'bf16')]
+  """
+  import re
+  instruction = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\w+)\[.*? ([\w-]+)\((.*?)\)', re.M)
+  types, dots = {}, []
+  for name, dtype, opcode, operands in instruction.findall(compiled_hlo):
+    types[name] = dtype
+    if opcode == 'dot':
+      dots.append(re.findall(r'%([\w.-]+)', operands))
+  return [tuple(types.get(o, '?') for o in operands) for operands in dots]
+
+
 def reset_peak_memory() -> None:
   """Starts a new high-water mark of this process's resident memory (Linux's
   /proc/self/clear_refs), so that `peak_rss_gib` measures what runs after it; elsewhere the

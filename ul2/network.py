@@ -180,6 +180,68 @@ def _constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
   return nn.with_logical_constraint(x, axes)
 
 
+@jax.custom_vjp
+def _dot_bfloat16_cpu(x: Array, kernel: Array) -> Array:
+  """`x @ kernel` for bfloat16 `x` [tokens, in] and a float32 `kernel` [in, out], on XLA:CPU.
+
+  The same numbers as `jnp.dot(x, kernel.astype(bfloat16))` (products summed in float32,
+  rounded once to bfloat16; the kernel's gradient rounded to bfloat16 too), but each of the
+  three products (forward, input gradient, kernel gradient) reaches XLA:CPU in the form its
+  bfloat16 library takes: bfloat16 operands, a float32 result, both operands row-major
+  (`_row_major`). XLA:CPU (jaxlib 0.10.2) converts the operands of any other bfloat16 product to float32 and
+  multiplies at float32 speed (`scripts/bench_matmul.py` measures both).
+  """
+  # [tokens, in] x [in, out] -> [tokens, out]
+  return jnp.dot(x, kernel.astype(jnp.bfloat16),
+                 preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+
+
+def _dot_bfloat16_forward(x, kernel):
+  return _dot_bfloat16_cpu(x, kernel), (x, kernel)
+
+
+def _dot_bfloat16_backward(residuals, dy):
+  x, kernel = residuals  # [tokens, in] bfloat16, [in, out] float32; dy [tokens, out] bfloat16
+  # [tokens, out] x [out, in] -> [tokens, in]
+  dx = jnp.dot(dy, _row_major(kernel.T.astype(jnp.bfloat16)), preferred_element_type=jnp.float32)
+  # [in, tokens] x [tokens, out] -> [in, out]
+  dkernel = jnp.dot(_row_major(x.T), dy, preferred_element_type=jnp.float32)
+  return dx.astype(jnp.bfloat16), dkernel.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+_dot_bfloat16_cpu.defvjp(_dot_bfloat16_forward, _dot_bfloat16_backward)
+
+
+def _row_major(x: Array) -> Array:
+  """The 2-D `x` (a transpose) as a new row-major array: the same values.
+
+  A transpose is only a layout to XLA, and XLA:CPU decides before assigning layouts that a
+  bfloat16 product with a transposed operand is not its library's. Padding a row and
+  slicing it off again gives an array with a layout of its own, which XLA then writes
+  row-major: one copy of an operand, against a product's `in` x more arithmetic. The row
+  added is on the first axis, the features, which a data-parallel mesh does not split.
+  """
+  return jnp.pad(x, ((0, 1), (0, 0)))[:-1]
+
+
+def dot(x: Array, kernel: Array, dtype) -> Array:
+  """[tokens, in] x float32 [in, out] -> [tokens, out] in `dtype`, as `jnp.dot` computes it.
+
+  bfloat16 goes through `_dot_bfloat16_cpu` on CPUs (XLA picks the branch when it
+  compiles for a platform); GPUs and TPUs multiply bfloat16 natively and keep the plain product.
+
+  >>> x = jnp.array([[1.0, 2.0]], jnp.bfloat16)
+  >>> kernel = jnp.array([[0.5, 1.0, 0.0], [0.25, 0.0, 3.0]])
+  >>> dot(x, kernel, jnp.bfloat16)
+  Array([[1, 1, 6]], dtype=bfloat16)
+  """
+  if jnp.dtype(dtype) != jnp.bfloat16:
+    return jnp.dot(x.astype(dtype), kernel.astype(dtype))
+  return jax.lax.platform_dependent(
+      x.astype(dtype), kernel, cpu=_dot_bfloat16_cpu,
+      default=lambda x, kernel: jnp.dot(x, kernel.astype(jnp.bfloat16)))
+
+
 class Dense(nn.Module):
   """A bias-free projection of the last axis: x @ kernel, kernel (in, out) in float32."""
 
@@ -192,11 +254,10 @@ class Dense(nn.Module):
   def __call__(self, x: Array) -> Array:
     kernel = _param(self, 'kernel', self.kernel_init, (x.shape[-1], self.features),
                     self.kernel_axes)
-    x = jnp.asarray(x, self.dtype)
     # [..., in] -> [tokens, in] @ [in, out]: a plain 2-D matmul. Its gradient w.r.t. the
     # kernel then contracts one axis; XLA:CPU runs a contraction over (batch, length) several
     # times slower (3x the step time of a 32k-vocabulary model).
-    y = jnp.dot(x.reshape(-1, x.shape[-1]), jnp.asarray(kernel, self.dtype))
+    y = dot(x.reshape(-1, x.shape[-1]), kernel, self.dtype)
     return y.reshape(x.shape[:-1] + (self.features,))
 
 
