@@ -223,22 +223,29 @@ class TorchProcess:
     self.process = context.Process(target=_torch_process, daemon=True,
                                    args=(child, cfg, args, batches, dtype))
     self.process.start()
-    self._answer()  # built, or its ImportError
+    child.close()  # so that a child that dies ends recv() instead of leaving it waiting
+    self._ask()  # built, or its ImportError
 
-  def _answer(self):
-    ok, value = self.conn.recv()
+  def _ask(self, *command):
+    """Sends `command` (none: only waits for the answer) and returns the child's answer."""
+    try:
+      if command:
+        self.conn.send(command)
+      ok, value = self.conn.recv()
+    except (EOFError, OSError):  # the child is gone: a crash, a kill, out of memory
+      self.process.join()
+      raise RuntimeError(f'the PyTorch process exited (code {self.process.exitcode}) before '
+                         'answering; its error, if it printed one, is above') from None
     if not ok:
       self.process.join()
       raise value
     return value
 
   def round(self, steps: int) -> float:
-    self.conn.send(('round', steps))
-    return self._answer()
+    return self._ask('round', steps)
 
   def report(self, seconds: float) -> dict:
-    self.conn.send(('report', seconds))
-    report = self._answer()
+    report = self._ask('report', seconds)
     self.process.join()
     return report
 

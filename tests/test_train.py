@@ -441,6 +441,22 @@ def test_bench_train_alternates_jax_and_pytorch_rounds():
   assert all(0.1 < entry[side]['peak_rss_gib'] < 64 for side in ('jax', 'torch'))
 
 
+def test_bench_train_stops_with_a_message_when_the_pytorch_process_dies():
+  """A PyTorch process killed mid-run (here SIGKILL, as the OOM killer sends) ends the
+  benchmark with one message instead of leaving it waiting on the pipe forever."""
+  import signal
+  import bench_train
+  args = bench_train.parse_args(['--model=tiny', '--batch_size=2', '--inputs_length=16',
+                                 '--targets_length=16'])
+  cfg = bench_train.model_config('tiny', 'float32')
+  side = bench_train.TorchProcess(cfg, args, bench_train.make_batches(args, cfg, 1), 'float32')
+  assert side.round(1) > 0
+  os.kill(side.process.pid, signal.SIGKILL)
+  side.process.join()
+  with pytest.raises(RuntimeError, match=r'PyTorch process exited \(code -9\)'):
+    side.round(1)
+
+
 def test_bench_matmul_reports_every_side_and_what_xla_multiplies(tmp_path):
   """scripts/bench_matmul.py: both dtypes for the plain product, ul2's `network.dot` and
   PyTorch, and the element types of the three products in XLA's optimized HLO: float32 on
