@@ -425,16 +425,20 @@ def test_bfloat16_gradients_agree_with_scan_and_remat_and_with_float32():
     assert cosine > 0.99, (path, cosine)
 
 
+def tiny_model_batch_and_params(dtype='float32'):
+  """models/tiny.gin's network, a batch of 8 rows, its boxed parameter shapes and parameters."""
+  cfg = dataclasses.replace(model_config('models/tiny.gin'), dtype=dtype)
+  targets = random_tokens(1, (8, 12), cfg.vocab_size)
+  batch = {'encoder_input_tokens': random_tokens(0, (8, 16), cfg.vocab_size),
+           'decoder_input_tokens': shift_right(targets), 'decoder_target_tokens': targets}
+  boxed = jax.eval_shape(lambda r: network.init_params(cfg, r, boxed=True), jax.random.key(0))
+  return network.Transformer(cfg), batch, boxed, network.init_params(cfg, jax.random.key(0))
+
+
 @pytest.mark.parametrize('data, model, dims', [(2, 4, 1), (2, 4, 2), (8, 1, 1)])
 def test_sharded_logits_equal_unsharded(data, model, dims):
-  cfg = model_config('models/tiny.gin')
-  net = network.Transformer(cfg)
-  enc = random_tokens(0, (8, 16), cfg.vocab_size)
-  targets = random_tokens(1, (8, 12), cfg.vocab_size)
-  batch = {'encoder_input_tokens': enc, 'decoder_input_tokens': shift_right(targets),
-           'decoder_target_tokens': targets}
-  boxed = jax.eval_shape(lambda r: network.init_params(cfg, r, boxed=True), jax.random.key(0))
-  params = network.init_params(cfg, jax.random.key(0))
+  net, batch, boxed, params = tiny_model_batch_and_params()
+  cfg = net.config
   expected = net.apply({'params': params}, **batch)
 
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=data, model=model))
@@ -461,14 +465,7 @@ def test_sharded_logits_equal_unsharded(data, model, dims):
 def test_sharded_bfloat16_gradients_equal_unsharded():
   """bfloat16 training on a 2-D mesh of 8 CPU devices: `network.dot`'s row-major copies split
   like any array (the features over the model axis), and the gradients match one device's."""
-  cfg = dataclasses.replace(model_config('models/tiny.gin'), dtype='bfloat16')
-  net = network.Transformer(cfg)
-  enc = random_tokens(0, (8, 16), cfg.vocab_size)
-  targets = random_tokens(1, (8, 12), cfg.vocab_size)
-  batch = {'encoder_input_tokens': enc, 'decoder_input_tokens': shift_right(targets),
-           'decoder_target_tokens': targets}
-  boxed = jax.eval_shape(lambda r: network.init_params(cfg, r, boxed=True), jax.random.key(0))
-  params = network.init_params(cfg, jax.random.key(0))
+  net, batch, boxed, params = tiny_model_batch_and_params('bfloat16')
 
   @jax.jit
   def grads(p, b):
