@@ -188,8 +188,8 @@ def _dot_bfloat16_cpu(x: Array, kernel: Array) -> Array:
   rounded once to bfloat16; the kernel's gradient rounded to bfloat16 too), but each of the
   three products (forward, input gradient, kernel gradient) reaches XLA:CPU in the form its
   bfloat16 library takes: bfloat16 operands, a float32 result, both operands row-major
-  (`_row_major`). XLA:CPU (jaxlib 0.10.2) converts the operands of any other bfloat16 product to float32 and
-  multiplies at float32 speed (`scripts/bench_matmul.py` measures both).
+  (`_row_major`). XLA:CPU (jaxlib 0.10.2) converts the operands of any other bfloat16 product
+  to float32 and multiplies at float32 speed (`scripts/bench_matmul.py` measures both).
   """
   # [tokens, in] x [in, out] -> [tokens, out]
   return jnp.dot(x, kernel.astype(jnp.bfloat16),
