@@ -235,11 +235,13 @@ def dot(x: Array, kernel: Array, dtype) -> Array:
   >>> dot(x, kernel, jnp.bfloat16)
   Array([[1, 1, 6]], dtype=bfloat16)
   """
+  def plain(x, kernel):
+    return jnp.dot(x, kernel.astype(dtype))
+
+  x = x.astype(dtype)
   if jnp.dtype(dtype) != jnp.bfloat16:
-    return jnp.dot(x.astype(dtype), kernel.astype(dtype))
-  return jax.lax.platform_dependent(
-      x.astype(dtype), kernel, cpu=_dot_bfloat16_cpu,
-      default=lambda x, kernel: jnp.dot(x, kernel.astype(jnp.bfloat16)))
+    return plain(x, kernel)
+  return jax.lax.platform_dependent(x, kernel, cpu=_dot_bfloat16_cpu, default=plain)
 
 
 class Dense(nn.Module):
