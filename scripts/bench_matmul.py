@@ -12,13 +12,15 @@ the same machine load; per dtype and side the median GFLOP/s:
 - `xla`: the plain product, `jnp.dot(x, kernel.astype(dtype))`. jaxlib 0.10.2 converts the
   operands of these bfloat16 products to float32 before multiplying, so they run at float32
   speed.
-- `ul2`: `ul2.network.dot`, what the network's layers call: on CPUs the bfloat16 products
-  reach XLA:CPU's bfloat16 library (YNNPACK) in the form it takes (bfloat16 operands, float32
-  result, row-major operands); the same numbers up to the order of the float32 sums.
+- `library`: `ul2.network.dot` in its 'library' form (UL2_CPU_BFLOAT16_PRODUCTS=library): the
+  bfloat16 products reach XLA:CPU's bfloat16 library (YNNPACK) in the form it takes (bfloat16
+  operands, float32 result, row-major operands); the same numbers up to the order of the
+  float32 sums.
 - `torch`: PyTorch, the same products through autograd (oneDNN, AMX where the CPU has it).
 
 The report also says which element types the products in XLA's optimized HLO take, per
-implementation, and which matrix instructions the CPU has (AMX, AVX512-BF16). Needs the
+implementation, which bfloat16 instructions the CPU has (AMX, AVX512-BF16), and which form
+`network.dot` takes on it ('auto': the library only with those instructions). Needs the
 `bench` extra for the PyTorch side.
 """
 
@@ -43,26 +45,19 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def cpu_matrix_features() -> list[str]:
-  """The CPU's bfloat16/matrix instruction sets, from /proc/cpuinfo (empty elsewhere)."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      flags = next((line for line in f if line.startswith('flags')), '').split()
-  except OSError:
-    return []
-  return sorted(f for f in set(flags) if f.startswith('amx') or f == 'avx512_bf16')
-
-
 def jax_sides(args):
-  """{side: {dtype: call}} for 'xla' and 'ul2', and {side: {dtype: operand types of the
+  """{side: {dtype: call}} for 'xla' and 'library', and {side: {dtype: operand types of the
   three products in XLA's optimized HLO}}."""
   import jax
   import jax.numpy as jnp
 
   from ul2 import flops, network
   products = {'xla': lambda x, kernel, dtype: jnp.dot(x, kernel.astype(dtype)),
-              'ul2': network.dot}
+              'library': network.dot}
   calls, operand_types = {}, {}
+  # network.dot's form is chosen when it is traced (below); the user's setting comes back after.
+  user_choice = os.environ.get(network.CPU_BFLOAT16_PRODUCTS_ENV)
+  os.environ[network.CPU_BFLOAT16_PRODUCTS_ENV] = 'library'
   for side, product in products.items():
     calls[side], operand_types[side] = {}, {}
     for name, dtype in (('float32', jnp.float32), ('bfloat16', jnp.bfloat16)):
@@ -79,6 +74,9 @@ def jax_sides(args):
       operand_types[side][name] = sorted({'/'.join(t) for t in flops.dot_operand_types(hlo)})
       calls[side][name] = (lambda step=step, x=x, kernel=kernel:
                            jax.block_until_ready(step(x, kernel)))
+  os.environ.pop(network.CPU_BFLOAT16_PRODUCTS_ENV)
+  if user_choice is not None:
+    os.environ[network.CPU_BFLOAT16_PRODUCTS_ENV] = user_choice
   return calls, operand_types
 
 
@@ -102,9 +100,12 @@ def torch_side(args):
 def main(argv=None):
   import numpy as np
 
-  from ul2 import flops
+  from ul2 import flops, network
   args = parse_args(argv)
-  report = {'shape': [args.m, args.k, args.n], 'cpu_features': cpu_matrix_features(),
+  report = {'shape': [args.m, args.k, args.n],
+            'cpu_features': sorted(set(network.NATIVE_BFLOAT16_FEATURES)
+                                   & network.cpu_features()),
+            'network_dot_on_this_cpu': network.cpu_bfloat16_products(),
             'load_start': flops.machine_load('start'), 'runs': {}}
   jax_calls, report['xla_dot_operand_types'] = jax_sides(args)
   sides = dict(jax_calls)
@@ -114,8 +115,9 @@ def main(argv=None):
     print(f'PyTorch side skipped ({e}); install the bench extra: pip install -e ".[bench]"')
   gflop = 3 * 2 * args.m * args.k * args.n / 1e9  # forward and two gradient products
   print(f'x [{args.m}, {args.k}] x kernel [{args.k}, {args.n}], forward and both gradients '
-        f'({gflop:.1f} GFLOP) per call; CPU matrix features: '
-        f'{", ".join(report["cpu_features"]) or "none"}')
+        f'({gflop:.1f} GFLOP) per call; CPU bfloat16 instructions: '
+        f'{", ".join(report["cpu_features"]) or "none"}, so network.dot takes the '
+        f'{report["network_dot_on_this_cpu"]!r} form here')
   for dtype in ('float32', 'bfloat16'):
     times = {side: [] for side in sides}
     for side in sides:
@@ -135,8 +137,8 @@ def main(argv=None):
     if 'torch' in entry:
       for side in jax_calls:
         entry[f'{side}_over_torch'] = entry['torch']['seconds'] / entry[side]['seconds']
-      line += (f'  PyTorch {entry["torch"]["gflops"]:7.1f} GFLOP/s  xla / ul2 vs PyTorch '
-               f'{entry["xla_over_torch"]:.2f}x / {entry["ul2_over_torch"]:.2f}x')
+      line += (f'  PyTorch {entry["torch"]["gflops"]:7.1f} GFLOP/s  xla / library vs '
+               f'PyTorch {entry["xla_over_torch"]:.2f}x / {entry["library_over_torch"]:.2f}x')
     report['runs'][dtype] = entry
     print(line, flush=True)
   flops.finish_report(report, args.json)

@@ -292,6 +292,13 @@ def main(argv=None):
   print(f'{args.model}: batch {args.batch_size}, {args.inputs_length}/{args.targets_length} '
         f'tokens, {jax.device_count()} x {jax.devices()[0].device_kind}; {args.rounds} '
         f'alternating rounds of {args.steps} steps per side, medians')
+  if jax.default_backend() == 'cpu':
+    # PyTorch, too, multiplies bfloat16 fast only with these instructions.
+    native = sorted(set(network.NATIVE_BFLOAT16_FEATURES) & network.cpu_features())
+    results['cpu_bfloat16'] = {'instructions': native,
+                               'network_dot': network.cpu_bfloat16_products()}
+    print(f'CPU bfloat16 instructions: {", ".join(native) or "none"}; bfloat16 products in '
+          f"network.dot's {results['cpu_bfloat16']['network_dot']!r} form")
   results['load_start'] = flops_lib.machine_load('start')
   batches = None
   for dtype in args.dtypes.split(','):

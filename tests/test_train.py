@@ -418,6 +418,11 @@ def test_bench_train_synthetic_runs_without_tensorflow_or_seqio(tmp_path):
   assert len(report['runs']['float32']['jax']['rounds']) == 5
   assert report['load_start']['cores'] == report['load_end']['cores'] == os.cpu_count()
   assert 'load average at start: ' in proc.stdout
+  # Which form network.dot gave the bfloat16 products, and why (the CPU's instructions).
+  from ul2 import network
+  assert report['cpu_bfloat16'] == {
+      'instructions': sorted(set(network.NATIVE_BFLOAT16_FEATURES) & network.cpu_features()),
+      'network_dot': network.cpu_bfloat16_products()}
   decoder_only = json.loads((tmp_path / 'bench.json.decoder_only').read_text())
   assert np.isfinite(decoder_only['runs']['float32']['jax']['final_loss'])
   assert 'No PyTorch peer for a decoder_only model' in proc.stdout
@@ -458,23 +463,27 @@ def test_bench_train_stops_with_a_message_when_the_pytorch_process_dies():
 
 
 def test_bench_matmul_reports_every_side_and_what_xla_multiplies(tmp_path):
-  """scripts/bench_matmul.py: both dtypes for the plain product, ul2's `network.dot` and
-  PyTorch, and the element types of the three products in XLA's optimized HLO: float32 on
-  float32 operands; bfloat16 converted to float32 for the plain product, kept bfloat16 by
-  `network.dot`."""
+  """scripts/bench_matmul.py: both dtypes for the plain product, `network.dot`'s library form
+  and PyTorch, and the element types of the three products in XLA's optimized HLO: float32 on
+  float32 operands; bfloat16 converted to float32 for the plain product, kept bfloat16 by the
+  library form; and which form `network.dot` takes on this CPU."""
   import bench_matmul
+
+  from ul2 import network
   report = bench_matmul.main(['--m', '64', '--k', '32', '--n', '48', '--rounds', '1',
                               '--calls', '1', '--json', str(tmp_path / 'matmul.json')])
   assert report['shape'] == [64, 32, 48]
   types = report['xla_dot_operand_types']
-  assert types['xla']['float32'] == types['ul2']['float32'] == ['f32/f32']
+  assert types['xla']['float32'] == types['library']['float32'] == ['f32/f32']
   assert types['xla']['bfloat16'] == ['f32/f32']
-  assert types['ul2']['bfloat16'] == ['bf16/bf16']
+  assert types['library']['bfloat16'] == ['bf16/bf16']
+  assert report['network_dot_on_this_cpu'] == network.cpu_bfloat16_products()
+  assert network.CPU_BFLOAT16_PRODUCTS_ENV not in os.environ  # the benchmark's choice undone
   for dtype in ('float32', 'bfloat16'):
     entry = report['runs'][dtype]
-    assert min(entry[side]['gflops'] for side in ('xla', 'ul2', 'torch')) > 0
-    assert entry['ul2_over_torch'] == pytest.approx(
-        entry['torch']['seconds'] / entry['ul2']['seconds'])
+    assert min(entry[side]['gflops'] for side in ('xla', 'library', 'torch')) > 0
+    assert entry['library_over_torch'] == pytest.approx(
+        entry['torch']['seconds'] / entry['library']['seconds'])
   assert json.loads((tmp_path / 'matmul.json').read_text())['shape'] == [64, 32, 48]
 
 
