@@ -103,8 +103,7 @@ def main(argv=None):
   from ul2 import flops, network
   args = parse_args(argv)
   report = {'shape': [args.m, args.k, args.n],
-            'cpu_features': sorted(set(network.NATIVE_BFLOAT16_FEATURES)
-                                   & network.cpu_features()),
+            'cpu_features': network.cpu_bfloat16_instructions(),
             'network_dot_on_this_cpu': network.cpu_bfloat16_products(),
             'load_start': flops.machine_load('start'), 'runs': {}}
   jax_calls, report['xla_dot_operand_types'] = jax_sides(args)

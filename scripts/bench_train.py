@@ -294,7 +294,7 @@ def main(argv=None):
         f'alternating rounds of {args.steps} steps per side, medians')
   if jax.default_backend() == 'cpu':
     # PyTorch, too, multiplies bfloat16 fast only with these instructions.
-    native = sorted(set(network.NATIVE_BFLOAT16_FEATURES) & network.cpu_features())
+    native = network.cpu_bfloat16_instructions()
     results['cpu_bfloat16'] = {'instructions': native,
                                'network_dot': network.cpu_bfloat16_products()}
     print(f'CPU bfloat16 instructions: {", ".join(native) or "none"}; bfloat16 products in '

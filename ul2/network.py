@@ -199,6 +199,11 @@ def cpu_features() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_bfloat16_instructions() -> list[str]:
+  """Which of `NATIVE_BFLOAT16_FEATURES` the host CPU has (sorted; empty on most CPUs)."""
+  return sorted(set(NATIVE_BFLOAT16_FEATURES) & cpu_features())
+
+
 def cpu_bfloat16_products() -> str:
   """How `dot` multiplies bfloat16 on XLA:CPU: 'library' or 'float32'.
 
@@ -222,7 +227,7 @@ def cpu_bfloat16_products() -> str:
                      f'{", ".join(_CPU_BFLOAT16_PRODUCTS)} (auto: library on CPUs with '
                      f'{" or ".join(NATIVE_BFLOAT16_FEATURES)}).')
   if mode == 'auto':
-    return 'library' if set(NATIVE_BFLOAT16_FEATURES) & cpu_features() else 'float32'
+    return 'library' if cpu_bfloat16_instructions() else 'float32'
   return mode
 
 
