@@ -327,6 +327,35 @@ def test_sequence_log_likelihood_skips_padding_and_takes_weights():
 # Precision and sharding
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize('bidirectional', [True, False])
+@pytest.mark.parametrize('query_length,key_length', [(1, 1), (1, 9), (5, 5), (7, 3), (200, 200)])
+def test_relative_position_biases_are_the_table_at_each_distances_bucket(
+    query_length, key_length, bidirectional):
+  """The bias is T5X's `rel_embedding[h, bucket(key - query)]` at every (query, key) position
+  (T5X `RelativePositionBiases`), exactly; its gradient adds each position's cotangent to
+  its bucket's entry (computed here with numpy's scatter-add, in float64)."""
+  heads, num_buckets, max_distance = 3, 32, 128
+  module = network.RelativePositionBiases(num_buckets, max_distance, heads)
+  params = nn.meta.unbox(module.init(jax.random.key(0), query_length, key_length,
+                                     bidirectional))
+  table = np.asarray(params['params']['rel_embedding'])                 # [heads, buckets]
+  buckets = np.asarray(network.relative_position_bucket(
+      np.arange(key_length)[None, :] - np.arange(query_length)[:, None], bidirectional,
+      num_buckets, max_distance))                                         # [q, k]
+  values = module.apply(params, query_length, key_length, bidirectional)
+  assert values.shape == (1, heads, query_length, key_length)
+  np.testing.assert_array_equal(np.asarray(values)[0], table[:, buckets])
+
+  cotangent = np.random.default_rng(1).standard_normal(values.shape).astype(np.float32)
+  grad = jax.grad(lambda p: jnp.vdot(module.apply(p, query_length, key_length,
+                                                  bidirectional), cotangent))(params)
+  expected = np.zeros((heads, num_buckets))
+  for h in range(heads):
+    np.add.at(expected[h], buckets.ravel(), cotangent[0, h].astype(np.float64).ravel())
+  np.testing.assert_allclose(grad['params']['rel_embedding'], expected, rtol=1e-5,
+                             atol=1e-5 * np.abs(expected).max())
+
+
 def test_bfloat16_activations_are_finite_and_close_to_float32():
   params = init_params(TINY)
   enc = random_tokens(0, (4, 16), TINY.vocab_size)
