@@ -388,11 +388,12 @@ def toeplitz(diagonals: Array, query_length: int, key_length: int) -> Array:
   Array([[2, 3, 4],
          [1, 2, 3]], dtype=int32)
 
-  Built by a skew, not a gather: `diagonals` with one zero appended (period q + k), repeated
-  q times and read in rows of q + k - 1 starts each row one entry earlier in the period, so
-  row i starts at distance -i. Only pads, copies and reshapes, so the gradient is a sum of q
-  contiguous rows per head: [1, 2, 3, 4, 0 | 1, 2, 3, 4, 0] read from offset 1 in rows of 4
-  is [2, 3, 4, 0], [1, 2, 3, 4]; the first 3 columns are the result.
+  Built by a skew, not a gather: append one zero to `diagonals` (a period of q + k entries),
+  repeat it q times and read that in rows of q + k - 1 from offset q - 1. Each row starts one
+  entry earlier in the period than the row before, so row i starts at distance -i. Above:
+  [1, 2, 3, 4, 0 | 1, 2, 3, 4, 0] read from offset 1 in rows of 4 is [2, 3, 4, 0],
+  [1, 2, 3, 4], whose first 3 columns are the result. Only pads, copies and reshapes, so the
+  gradient is a sum of q contiguous rows per head.
   """
   q, k = query_length, key_length
   width = q + k - 1
