@@ -33,14 +33,20 @@ def t5x_params():
   return {name: saved[name] for name in saved.files}
 
 
+def assert_close_to_saved(got, want, rtol, err_msg=''):
+  """`got` within `rtol` of T5X's saved `want`, per entry or of the array's largest magnitude.
+
+  Our Adafactor against T5X's on another CPU: a few float32 ulps apart, which is a large
+  relative error only for entries near zero, so the absolute bound scales with the array."""
+  np.testing.assert_allclose(np.asarray(got), want, rtol=rtol, atol=rtol * np.abs(want).max(),
+                             err_msg=err_msg)
+
+
 def assert_params(tree, rtol=0.0):
   got, want = network.flatten_params(tree), t5x_params()
   assert got.keys() == want.keys()
   for name, value in want.items():
-    # Our Adafactor against T5X's on another CPU: a few float32 ulps apart, which is a large
-    # relative error only for entries near zero, so the absolute bound scales with the array.
-    np.testing.assert_allclose(np.asarray(got[name]), value, rtol=rtol,
-                               atol=rtol * np.abs(value).max(), err_msg=name)
+    assert_close_to_saved(got[name], value, rtol, err_msg=name)
 
 
 def msgpack(checkpoint_dir):
@@ -105,19 +111,18 @@ def test_our_tensorstore_checkpoint_has_t5xs_layout(tmp_path):
       assert flat_ours[key] == value, key
     else:
       assert np.asarray(flat_ours[key]).dtype == value.dtype, key
-      np.testing.assert_allclose(flat_ours[key], value, rtol=1e-6,
-                                 atol=1e-6 * np.abs(value).max(), err_msg=str(key))
+      assert_close_to_saved(flat_ours[key], value, 1e-6, err_msg=str(key))
   for name in os.listdir(theirs):
     if name == 'checkpoint':
       continue
     zarray = lambda d: json.loads(open(os.path.join(d, name, '.zarray')).read())
     assert zarray(ours) == zarray(theirs), name
   # What T5X reads back (the tree its loader sees) equals what it wrote, to rounding.
+  want = t5x_params()['decoder/logits_dense/kernel']
   for path in (str(tmp_path), ours):
-    np.testing.assert_allclose(
+    assert_close_to_saved(
         network.flatten_params(checkpoints.load(path, CFG)[0])['decoder/logits_dense/kernel'],
-        t5x_params()['decoder/logits_dense/kernel'], rtol=1e-6,
-        atol=1e-6 * np.abs(t5x_params()['decoder/logits_dense/kernel']).max())
+        want, 1e-6)
 
 
 def test_our_orbax_checkpoint_has_t5xs_layout(tmp_path):
