@@ -70,6 +70,7 @@ def parse_args(argv):
   p.add_argument('--generation_examples', type=int, default=32, help='generated examples')
   p.add_argument('--generation_length', type=int, default=32, help='tokens generated at most')
   gin_cli.add_module_flag(p)
+  gin_cli.add_memory_flag(p)
   args = p.parse_args(rest)
   args.bindings = bindings
   return args
@@ -233,6 +234,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  gin_cli.reuse_freed_memory(args)
   from ul2 import data as data_lib
   data_lib.hide_accelerators_from_tensorflow()
   import ul2_tasks  # noqa: F401  (the corpus, SuperGLUE and generation tasks)

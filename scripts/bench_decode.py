@@ -36,6 +36,7 @@ def parse_args(argv):
   p.add_argument('--methods', default=','.join(METHODS), help='comma-separated')
   p.add_argument('--rounds', type=int, default=3, help='timed rounds per side and method')
   p.add_argument('--no_hf', action='store_true', help='time ul2 alone')
+  gin_cli.add_memory_flag(p)
   p.add_argument('--json', default=None, help='also write the results to this file')
   args = p.parse_args(rest)
   args.bindings = bindings
@@ -133,6 +134,7 @@ def main(argv=None):
 
   from ul2 import flops
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  reused = gin_cli.reuse_freed_memory(args)  # both sides: they share this process
   cfg, model, params, inputs, targets = setup(args)
   methods = [m.strip() for m in args.methods.split(',') if m.strip()]
   unknown = set(methods) - set(METHODS)
@@ -141,7 +143,8 @@ def main(argv=None):
   sides = {'ul2': ul2_calls(model, params, inputs, targets, args)}
   report = {'model': args.model, 'batch_size': args.batch_size,
             'inputs_length': args.inputs_length, 'new_tokens': args.new_tokens,
-            'load_start': flops.machine_load('start'), 'methods': {}}
+            'load_start': flops.machine_load('start'), 'reuse_freed_memory': reused,
+            'methods': {}}
   if not args.no_hf:
     try:
       sides['hf'], report['versions'] = hf_calls(cfg, params, inputs, targets, args)

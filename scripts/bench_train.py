@@ -63,6 +63,11 @@ def parse_args(argv=None):
                  help="the mesh's model axis (the rest is data parallel)")
   p.add_argument('--peak_flops', type=float, default=None,
                  help='peak FLOP/s per device for MFU (default: known accelerators)')
+  p.add_argument('--torch_glibc_tunables', default=None, metavar='TUNABLES',
+                 help="GLIBC_TUNABLES for the PyTorch process alone, e.g. 'glibc.malloc.mmap_max=0:"
+                 "glibc.malloc.trim_threshold=68719476736' (what ul2's reuse of freed memory "
+                 'sets in its own process; PyTorch runs its ops on the calling thread)')
+  gin_cli.add_memory_flag(p)
   p.add_argument('--json', default=None, help='also write the results to this file')
   args = p.parse_args(rest)
   args.bindings = bindings
@@ -222,7 +227,15 @@ class TorchProcess:
     self.conn, child = context.Pipe()
     self.process = context.Process(target=_torch_process, daemon=True,
                                    args=(child, cfg, args, batches, dtype))
-    self.process.start()
+    given = os.environ.get('GLIBC_TUNABLES')
+    if args.torch_glibc_tunables is not None:  # read by glibc when the child starts
+      os.environ['GLIBC_TUNABLES'] = args.torch_glibc_tunables
+    try:
+      self.process.start()
+    finally:
+      os.environ.pop('GLIBC_TUNABLES', None)
+      if given is not None:
+        os.environ['GLIBC_TUNABLES'] = given
     child.close()  # so that a child that dies ends recv() instead of leaving it waiting
     self._ask()  # built, or its ImportError
 
@@ -285,10 +298,12 @@ def interleaved(sides, args) -> dict[str, dict]:
 
 def main(argv=None):
   args = parse_args(argv)
+  reused = gin_cli.reuse_freed_memory(args)  # the JAX side's process, as scripts/train.py does
   results = {'model': args.model, 'gin_bindings': args.bindings, 'batch_size': args.batch_size,
              'lengths': [args.inputs_length, args.targets_length],
              'device': str(jax.devices()[0].device_kind), 'devices': jax.device_count(),
-             'synthetic': args.synthetic, 'runs': {}}
+             'synthetic': args.synthetic, 'reuse_freed_memory': reused,
+             'torch_glibc_tunables': args.torch_glibc_tunables, 'runs': {}}
   print(f'{args.model}: batch {args.batch_size}, {args.inputs_length}/{args.targets_length} '
         f'tokens, {jax.device_count()} x {jax.devices()[0].device_kind}; {args.rounds} '
         f'alternating rounds of {args.steps} steps per side, medians')
@@ -299,6 +314,11 @@ def main(argv=None):
                                'network_dot': network.cpu_bfloat16_products()}
     print(f'CPU bfloat16 instructions: {", ".join(native) or "none"}; bfloat16 products in '
           f"network.dot's {results['cpu_bfloat16']['network_dot']!r} form")
+  glibc = "glibc's default"
+  torch_memory = f'GLIBC_TUNABLES={args.torch_glibc_tunables}' if args.torch_glibc_tunables \
+      else f'released ({glibc})'
+  print(f"Freed memory: ul2/JAX {'reused' if reused else f'released ({glibc})'}, "
+        f'PyTorch {torch_memory}')
   results['load_start'] = flops_lib.machine_load('start')
   batches = None
   for dtype in args.dtypes.split(','):

@@ -154,6 +154,7 @@ def main(argv=None):
                       f'the fine-tuning run\'s (best.json), else {vocabulary.NLU}')
   parser.add_argument('--data_dir', default=None, help='official SuperGLUE jsonl folders')
   gin_cli.add_module_flag(parser)
+  gin_cli.add_memory_flag(parser)
   parser.add_argument('--inputs_length', type=int, default=512, help='input tokens')
   parser.add_argument('--targets_length', type=int, default=16,
                       help='decoded tokens at most')
@@ -176,6 +177,7 @@ def main(argv=None):
   parser.add_argument('--denoiser_batches', type=int, default=4,
                       help='--by_denoiser: batches per denoiser')
   args = parser.parse_args(argv)
+  gin_cli.reuse_freed_memory(args)
   if args.by_denoiser:
     return by_denoiser(args)
   if args.generation:

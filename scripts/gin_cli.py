@@ -290,6 +290,21 @@ def add_module_flag(parser: argparse.ArgumentParser) -> None:
                       '(repeatable; like T5X\'s MIXTURE_OR_TASK_MODULE)')
 
 
+def add_memory_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--release_freed_memory', action='store_true',
+                      help="give each step's freed memory back to the kernel (glibc's "
+                      'default) instead of reusing it: on CPU, slower steps (page faults), '
+                      'the same peak memory')
+
+
+def reuse_freed_memory(args: argparse.Namespace) -> bool:
+  """`partitioning.reuse_freed_memory()` unless --release_freed_memory; before JAX starts."""
+  if args.release_freed_memory:
+    return False
+  from ul2 import partitioning
+  return partitioning.reuse_freed_memory()
+
+
 def _explain(error: Exception, bindings: Sequence[str]) -> str:
   """gin's message in one line; for a required macro left unset, the flag that sets it and a
   near-miss binding the user may have meant."""

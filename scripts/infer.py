@@ -67,8 +67,10 @@ def main(argv=None, out=sys.stdout):
   parser.add_argument('--top_p', type=float, default=1.0, help='nucleus sampling mass')
   parser.add_argument('--seed', type=int, default=0, help='sampling seed')
   gin_cli.add_module_flag(parser)
+  gin_cli.add_memory_flag(parser)
   parser.add_argument('--score', default=None, help='print log p(SCORE | input) instead')
   args = parser.parse_args(argv)
+  gin_cli.reuse_freed_memory(args)
   data.hide_accelerators_from_tensorflow()  # the model runs on the accelerators
   gin_cli.import_modules(args.module)  # e.g. one that registers a vocabulary's tasks
 

@@ -29,6 +29,7 @@ def parse_args(argv):
                       help='a gin file (repeatable): gin_configs/quickstart.gin, a '
                       'models/*.gin with a runs/*.gin, or your own')
   gin_cli.add_module_flag(parser)
+  gin_cli.add_memory_flag(parser)
   parser.add_argument('--multiprocess', action='store_true',
                       help='call jax.distributed.initialize() (auto-detected cluster)')
   parser.add_argument('--coordinator_address', default=os.environ.get('UL2_COORDINATOR_ADDRESS'),
@@ -69,6 +70,7 @@ def initialize_distributed(args) -> None:
 def main(argv=None):
   gin_files, bindings, args = parse_args(sys.argv[1:] if argv is None else argv)
   initialize_distributed(args)
+  gin_cli.reuse_freed_memory(args)  # after jax.distributed, before the first step
   from ul2 import data
   data.hide_accelerators_from_tensorflow()  # the model runs on the accelerators
   import gin

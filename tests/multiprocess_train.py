@@ -16,10 +16,17 @@ os.environ['CUDA_VISIBLE_DEVICES'] = ''
 
 import jax  # noqa: E402
 
+from ul2 import partitioning  # noqa: E402
+
 process_id, port, model_dir, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
                            process_id=process_id)
+
+# As scripts/train.py runs: the step on the calling thread, freed memory kept for the next.
+assert partitioning.reuse_freed_memory()
+assert not jax.config.read('jax_cpu_enable_async_dispatch')
+
 assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

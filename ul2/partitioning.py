@@ -127,3 +127,56 @@ def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
   sharding = data_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in host_batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The host: where XLA:CPU's step buffers come from
+# ----------------------------------------------------------------------------------------------
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's <malloc.h>
+
+
+def reuse_freed_memory() -> bool:
+  """Lets XLA:CPU's steps reuse the memory the previous step freed; call it before JAX starts.
+
+  XLA:CPU allocates a step's buffers with `malloc` and frees them when the step ends. glibc
+  maps blocks above its mmap threshold (at most 32 MiB) afresh and unmaps them on free; it does
+  so for blocks of any size in the arenas of XLA's worker threads, which run the steps under
+  asynchronous dispatch. Every step then page-faults each 4 KiB of its buffers back in, and the
+  kernel zeroes each page: T5 1.1 small's float32 train step (batch 8, 512/114 tokens) took
+  ~760,000 minor faults on the project's 2-core EPYC, 7.25-7.51 s a step, against ~25,000 and
+  6.61-6.67 s with this call, at the same peak RSS (4.29 and 4.24 GiB).
+
+  It does two things, on CPU and with glibc only (elsewhere it changes nothing):
+  - `jax_cpu_enable_async_dispatch=False`: computations run on the calling thread, so their
+    buffers come from glibc's main arena, the one the next two settings govern;
+  - `mallopt(M_MMAP_MAX, 0)` and `mallopt(M_TRIM_THRESHOLD, SIZE_MAX)`: large blocks come from
+    the heap, and freed memory stays in the process for the next step instead of going back
+    to the kernel. Peak RSS is unchanged (a step reuses what the last one freed); what
+    changes is that the process keeps its peak until it exits.
+
+  It must come before anything starts JAX's backends (`jax.devices()`, the first jitted call)
+  and after `jax.distributed.initialize`, and it starts them itself, to learn the platform.
+  Returns whether it took effect: False where the backends had already started (the dispatch
+  mode is fixed when the CPU client is made), on accelerators, or without glibc. A
+  computation over several CPU devices in one process (`--xla_force_host_platform_device_count`)
+  still runs its devices' parts on worker threads and gains nothing; it stays correct.
+  """
+  import ctypes
+  import sys
+
+  from jax._src import xla_bridge  # the one place JAX says whether its backends have started
+
+  if sys.platform != 'linux' or xla_bridge.backends_are_initialized():
+    return False
+  try:
+    libc = ctypes.CDLL(None)
+    libc.gnu_get_libc_version  # glibc's own symbol: musl's mallopt does nothing
+  except (OSError, AttributeError):
+    return False
+  jax.config.update('jax_cpu_enable_async_dispatch', False)
+  if jax.default_backend() != 'cpu':
+    return False
+  libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+  # mallopt's value is a C int, converted to size_t for the trim threshold: -1 is SIZE_MAX.
+  return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
