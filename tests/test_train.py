@@ -748,11 +748,13 @@ applied = partitioning.reuse_freed_memory() if sys.argv[1] == 'reuse' else False
 # A step with a 64 MiB buffer (the transpose's operand), allocated and freed by each call.
 f = jax.jit(lambda x: (jnp.tanh(x * 2.0)[::-1] + jnp.cos(x)).reshape(4096, -1).T.sum(0))
 x = jnp.linspace(-1.0, 1.0, 16 * 2**20)
-for _ in range(2):
+for _ in range(3):
   f(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-values = [f(x).tolist() for _ in range(5)]
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+faults, values = [], []
+for _ in range(9):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  values.append(f(x).tolist())
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(json.dumps({'applied': applied, 'faults': faults, 'values': values,
                   'async': jax.config.read("jax_cpu_enable_async_dispatch")}))
 '''
@@ -772,8 +774,11 @@ def test_reuse_freed_memory_ends_the_page_faults_of_steps_that_free_large_buffer
     runs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
   release, reuse = runs['release'], runs['reuse']
   assert reuse['applied'] and not reuse['async'] and release['async']
-  assert release['faults'] > 16 * 2**20 * 4 / 4096 / 2  # at least half the buffer's pages
-  assert reuse['faults'] < release['faults'] / 10
+  # Per call, medians: a reusing heap may still grow once, when a block that outlives a call
+  # lands in the freed buffer's place (one call then faults a new buffer in).
+  release_faults, reuse_faults = np.median(release['faults']), np.median(reuse['faults'])
+  assert release_faults > 16 * 2**20 * 4 / 4096 / 2  # at least half the buffer's pages
+  assert reuse_faults < release_faults / 10
   assert reuse['values'] == release['values']
   # Once JAX has started (as in this process) the dispatch mode is fixed: nothing changes.
   jax.devices()
