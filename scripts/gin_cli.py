@@ -294,7 +294,7 @@ def add_memory_flag(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--release_freed_memory', action='store_true',
                       help="give each step's freed memory back to the kernel (glibc's "
                       'default) instead of reusing it: on CPU, slower steps (page faults), '
-                      'the same peak memory')
+                      'about the same peak memory')
 
 
 def reuse_freed_memory(args: argparse.Namespace) -> bool:

@@ -144,16 +144,17 @@ def reuse_freed_memory() -> bool:
   so for blocks of any size in the arenas of XLA's worker threads, which run the steps under
   asynchronous dispatch. Every step then page-faults each 4 KiB of its buffers back in, and the
   kernel zeroes each page: T5 1.1 small's float32 train step (batch 8, 512/114 tokens) took
-  ~760,000 minor faults on the project's 2-core EPYC, 7.25-7.51 s a step, against ~25,000 and
-  6.61-6.67 s with this call, at the same peak RSS (4.29 and 4.24 GiB).
+  ~760,000 minor faults on the project's 2-core EPYC, 7.25-7.51 s a step, against ~26,000 and
+  6.61-6.98 s with this call; peak RSS 4.20-4.29 GiB against 4.21-4.67 GiB.
 
-  It does two things, on CPU and with glibc only (elsewhere it changes nothing):
+  It does two things, on CPU with glibc (elsewhere it leaves glibc alone):
   - `jax_cpu_enable_async_dispatch=False`: computations run on the calling thread, so their
     buffers come from glibc's main arena, the one the next two settings govern;
   - `mallopt(M_MMAP_MAX, 0)` and `mallopt(M_TRIM_THRESHOLD, SIZE_MAX)`: large blocks come from
     the heap, and freed memory stays in the process for the next step instead of going back
-    to the kernel. Peak RSS is unchanged (a step reuses what the last one freed); what
-    changes is that the process keeps its peak until it exits.
+    to the kernel. Peak RSS moves little (a step reuses what the last one freed; up to 11%
+    more above, where a block that outlived a step sits where the next step's buffer would
+    have gone); the process keeps its peak until it exits.
 
   It must come before anything starts JAX's backends (`jax.devices()`, the first jitted call)
   and after `jax.distributed.initialize`, and it starts them itself, to learn the platform.
