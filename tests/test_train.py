@@ -12,6 +12,7 @@ import sys
 import flax
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -257,6 +258,60 @@ def test_microbatches_equal_one_full_batch(tmp_path):
   np.testing.assert_allclose(losses(micro), losses(full), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(micro.state.params), jax.tree.leaves(full.state.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('vocab', [32128, 32000, 251, 7])
+def test_the_loss_is_jax_logsumexp_with_the_max_bit_for_bit(vocab):
+  """loss_sums takes the vocabulary max in two passes on CPU (`vocab_max`): the max is the
+  bits jnp.max gives, the loss sums and their gradients jax.nn.logsumexp's to float32
+  rounding, on one device and with the vocabulary split over a 2 x 4 mesh."""
+  rng = np.random.default_rng(vocab)
+  logits = rng.normal(size=(4, 6, vocab)).astype(np.float32) * 8
+  logits[0, 0] = -np.inf  # a row with nothing allowed
+  targets = rng.integers(0, vocab, (4, 6)).astype(np.int32)
+  weights = np.ones((4, 6), np.float32)
+  weights[0, :2] = 0.0
+
+  def reference(x):
+    log_z = jax.nn.logsumexp(x, axis=-1)
+    picked = jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+    return {'cross_entropy': jnp.sum((log_z - picked) * weights),
+            'z_loss': jnp.sum(1e-4 * jnp.square(log_z) * weights),
+            'correct': jnp.sum((picked >= jnp.max(x, axis=-1)) * weights),
+            'weight': jnp.sum(weights)}
+
+  def total(fn):  # the finite rows' loss, as train_step sums it, and its gradient
+    def f(x):
+      sums = fn(x.at[0, 0].set(0.0))
+      return sums['cross_entropy'] + sums['z_loss'], sums
+    return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+  want_max = np.asarray(jax.jit(lambda x: jnp.max(x, axis=-1))(logits))
+  ours = lambda x: T.loss_sums(x, targets, weights, 1e-4)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ('data', 'model'))
+  split = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec('data', None, 'model' if vocab % 4 == 0 else None))
+  (want, want_sums), want_grad = total(reference)(logits)
+  for x in (jnp.asarray(logits), jax.device_put(logits, split)):
+    np.testing.assert_array_equal(np.asarray(jax.jit(T.vocab_max)(x)), want_max)
+    (got, got_sums), got_grad = total(ours)(x)
+    # XLA may order the float32 sums of two different programs differently: rounding only.
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    for key in ('cross_entropy', 'z_loss'):
+      np.testing.assert_allclose(float(got_sums[key]), float(want_sums[key]), rtol=1e-6)
+    for key in ('correct', 'weight'):
+      assert float(got_sums[key]) == float(want_sums[key]), key
+    np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want_grad), rtol=1e-5,
+                               atol=1e-9)
+  assert want_max[0, 0] == -np.inf
+  # A NaN logit is a NaN loss, which the loop stops on (XLA's maxima over a row holding a NaN
+  # are not NaN, and differ between the one- and two-pass forms: the loss does not use them).
+  poisoned = logits.copy()
+  poisoned[1, 1, vocab // 2] = np.nan
+  assert np.isnan(float(jax.jit(ours)(poisoned)['cross_entropy']))
+  # On CPU the max takes two passes, kept apart by barriers, where a block count divides it.
+  lowered = jax.jit(T.vocab_max).lower(jnp.asarray(logits)).as_text()
+  assert ('optimization_barrier' in lowered) == (vocab in (32128, 32000))  # 251, 7: prime
 
 
 def test_flop_count_matches_a_hand_count():

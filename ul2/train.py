@@ -189,6 +189,38 @@ def make_optimizer(cfg: OptimizerConfig, train_steps: int, model: network.Config
   return tx, schedule
 
 
+def vocab_max(logits: jax.Array) -> jax.Array:
+  """[..., vocab] -> [...]: the largest logit, bit for bit `jnp.max(logits, axis=-1)` (for
+  logits without NaNs: with one, `loss_sums` is NaN either way).
+
+  >>> vocab_max(jnp.array([[0.5, -1.0, 2.0, 1.5]]))
+  Array([2.], dtype=float32)
+
+  On CPU it reduces in two passes, first across blocks of the vocabulary, then within one:
+  [..., 32128] -> [..., 128, 251] -> max over the 128 blocks (an elementwise max of
+  contiguous rows, vectorised) -> [..., 251] -> max. XLA:CPU (jaxlib 0.10.2) runs one max over
+  a 32k minor axis as a windowed reduction at a tenth of memory speed: 31 ms of `ul2_cpu`'s
+  0.30 s float32 train step for its [8, 128, 32128] logits, 6.4 ms in two passes. The
+  barriers keep XLA from merging the passes back into one reduction. A maximum is exact in
+  any order, so the result is the same bit for bit; other platforms keep the one reduction.
+  """
+  vocab = logits.shape[-1]
+  # The largest block count <= 128 that divides the vocabulary (32128 = 128 x 251); the
+  # block axis stays outermost, so a vocabulary sharded over the mesh stays sharded.
+  blocks = next((b for b in range(min(128, vocab // 2), 1, -1) if vocab % b == 0), 1)
+
+  def one_pass(x):
+    return jnp.max(x, axis=-1)
+
+  def two_passes(x):
+    x = jax.lax.optimization_barrier(x.reshape(x.shape[:-1] + (blocks, vocab // blocks)))
+    return jnp.max(jax.lax.optimization_barrier(jnp.max(x, axis=-2)), axis=-1)
+
+  if blocks == 1:
+    return one_pass(logits)
+  return jax.lax.platform_dependent(logits, cpu=two_passes, default=one_pass)
+
+
 def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
               z_loss: float) -> dict[str, jax.Array]:
   """Summed (not averaged) cross-entropy, z-loss, correct tokens and weight of a batch.
@@ -201,7 +233,10 @@ def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   (0.7985, 2.0, 2.0)
   """
   logits = jnp.asarray(logits, jnp.float32)  # [batch, length, vocab]
-  log_z = jax.nn.logsumexp(logits, axis=-1)  # [batch, length]
+  top = vocab_max(logits)  # [batch, length]
+  # logsumexp as jax.nn.logsumexp computes it (the same float32 sum), given the max.
+  shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+  log_z = jnp.log(jnp.sum(jnp.exp(logits - shift[..., None]), axis=-1)) + shift
   target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32),
                                       axis=-1)[..., 0]
   weights = weights.astype(jnp.float32)
@@ -210,7 +245,7 @@ def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
       'z_loss': jnp.sum(z_loss * jnp.square(log_z) * weights),
       # The target's logit is the largest: argmax without argmax, which is ~5x slower than a
       # max-reduce over a 32k vocabulary on CPU.
-      'correct': jnp.sum((target_logits >= jnp.max(logits, axis=-1)) * weights),
+      'correct': jnp.sum((target_logits >= top) * weights),
       'weight': jnp.sum(weights),
   }
 
