@@ -15,7 +15,9 @@ Both sides run the same architecture (gated GELU or SiLU, untied logits, relativ
 buckets), the same Adafactor (factored, decay 0.8, clipping 1.0, parameter scaling; HF's
 `transformers.optimization.Adafactor` implements the same algorithm) on the same token batches,
 dropout off. bfloat16 means bfloat16 activations with float32 parameters on both sides (JAX:
-`network.Config.dtype`; PyTorch: `torch.autocast`). The PyTorch side needs the `bench` extra
+`network.Config.dtype`; PyTorch: `torch.autocast`), with one difference: ul2's logits product
+is float32, as T5X's `logits_dense` is, where autocast runs HF's in bfloat16;
+`--torch_float32_logits` gives PyTorch T5X's. The PyTorch side needs the `bench` extra
 (`pip install -e '.[bench]'`).
 
 `--synthetic` feeds random tokens and imports neither TensorFlow nor seqio, so it runs on an
@@ -67,6 +69,9 @@ def parse_args(argv=None):
                  help="GLIBC_TUNABLES for the PyTorch process alone, e.g. 'glibc.malloc.mmap_max=0:"
                  "glibc.malloc.trim_threshold=68719476736' (what ul2's reuse of freed memory "
                  'sets in its own process; PyTorch runs its ops on the calling thread)')
+  p.add_argument('--torch_float32_logits', action='store_true',
+                 help="bfloat16: PyTorch's logits product in float32, as T5X's (and ul2's) "
+                 "logits_dense computes it; without it HF's autocast runs it in bfloat16")
   gin_cli.add_memory_flag(p)
   p.add_argument('--json', default=None, help='also write the results to this file')
   args = p.parse_args(rest)
@@ -182,6 +187,14 @@ class TorchSide:
     self.torch, self.versions = torch, {'torch': torch.__version__,
                                         'transformers': transformers.__version__}
     self.model = transformers.T5ForConditionalGeneration(config).train()
+    if args.torch_float32_logits:
+      head = self.model.lm_head
+
+      def float32_logits(x):  # [batch, length, emb] -> float32 [batch, length, vocab]
+        with torch.autocast('cpu', enabled=False):
+          return torch.nn.functional.linear(x.float(), head.weight)
+
+      head.forward = float32_logits
     self.opt = Adafactor(self.model.parameters(), lr=0.01, relative_step=False,
                          scale_parameter=True, warmup_init=False, clip_threshold=1.0,
                          decay_rate=-0.8)
@@ -303,7 +316,8 @@ def main(argv=None):
              'lengths': [args.inputs_length, args.targets_length],
              'device': str(jax.devices()[0].device_kind), 'devices': jax.device_count(),
              'synthetic': args.synthetic, 'reuse_freed_memory': reused,
-             'torch_glibc_tunables': args.torch_glibc_tunables, 'runs': {}}
+             'torch_glibc_tunables': args.torch_glibc_tunables,
+             'torch_float32_logits': args.torch_float32_logits, 'runs': {}}
   print(f'{args.model}: batch {args.batch_size}, {args.inputs_length}/{args.targets_length} '
         f'tokens, {jax.device_count()} x {jax.devices()[0].device_kind}; {args.rounds} '
         f'alternating rounds of {args.steps} steps per side, medians')
@@ -319,6 +333,9 @@ def main(argv=None):
       else f'released ({glibc})'
   print(f"Freed memory: ul2/JAX {'reused' if reused else f'released ({glibc})'}, "
         f'PyTorch {torch_memory}')
+  print('bfloat16 logits products: ul2/JAX float32 (T5X\'s logits_dense), PyTorch '
+        + ('float32 (--torch_float32_logits)' if args.torch_float32_logits
+           else "bfloat16 (HF's autocast)"))
   results['load_start'] = flops_lib.machine_load('start')
   batches = None
   for dtype in args.dtypes.split(','):

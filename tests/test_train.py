@@ -501,6 +501,25 @@ def test_bench_train_alternates_jax_and_pytorch_rounds():
   assert all(0.1 < entry[side]['peak_rss_gib'] < 64 for side in ('jax', 'torch'))
 
 
+def test_bench_train_can_give_pytorch_t5x_float32_logits():
+  """--torch_float32_logits: under bfloat16 autocast the PyTorch peer's logits product is
+  float32 (T5X's logits_dense, as ul2 computes it); HF's own runs it in bfloat16."""
+  import torch
+  import bench_train
+  cfg = bench_train.model_config('tiny', 'bfloat16')
+  for flag, dtype in (([], torch.bfloat16), (['--torch_float32_logits'], torch.float32)):
+    args = bench_train.parse_args(['--model=tiny', '--batch_size=2', '--inputs_length=16',
+                                   '--targets_length=16', *flag])
+    side = bench_train.TorchSide(cfg, args, bench_train.make_batches(args, cfg, 1), 'bfloat16')
+    hidden = torch.randn(2, 16, cfg.emb_dim)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+      logits = side.model.lm_head(hidden)
+    assert logits.dtype == dtype and logits.shape == (2, 16, cfg.vocab_size)
+    expected = hidden.to(dtype).float() @ side.model.lm_head.weight.to(dtype).float().T
+    torch.testing.assert_close(logits.float(), expected, rtol=2e-2, atol=2e-2)
+    assert side.round(1) > 0 and np.isfinite(side.loss)
+
+
 def test_bench_train_stops_with_a_message_when_the_pytorch_process_dies():
   """A PyTorch process killed mid-run (here SIGKILL, as the OOM killer sends) ends the
   benchmark with one message instead of leaving it waiting on the pipe forever."""
