@@ -14,7 +14,9 @@ a process of its own, so that each side's peak resident memory (RSS) is its own.
 Both sides run the same architecture (gated GELU or SiLU, untied logits, relative position
 buckets), the same Adafactor (factored, decay 0.8, clipping 1.0, parameter scaling; HF's
 `transformers.optimization.Adafactor` implements the same algorithm) on the same token batches,
-dropout off. bfloat16 means bfloat16 activations with float32 parameters on both sides (JAX:
+dropout off, from the same initial weights (ul2's, in HF's names: `interop.to_hf_state_dict`;
+both report the first step's cross-entropy), and with subnormal floats flushed to zero on both
+sides, as XLA:CPU computes. bfloat16 means bfloat16 activations with float32 parameters on both sides (JAX:
 `network.Config.dtype`; PyTorch: `torch.autocast`), with one difference: ul2's logits product
 is float32, as T5X's `logits_dense` is, where autocast runs HF's in bfloat16;
 `--torch_float32_logits` gives PyTorch T5X's. The PyTorch side needs the `bench` extra
@@ -40,6 +42,7 @@ import numpy as np
 import gin_cli
 from ul2 import data as data_lib
 from ul2 import flops as flops_lib
+from ul2 import interop
 from ul2 import network
 from ul2 import partitioning
 from ul2 import train as train_lib
@@ -136,12 +139,20 @@ class JaxSide:
     self.done = 0
     self.cfg, self.args = cfg, args
 
+  def hf_weights(self) -> dict[str, np.ndarray]:
+    """The initial parameters as HF T5 tensors, for the PyTorch peer to start from (before
+    any step: the steps donate the state's buffers)."""
+    assert self.done == 0
+    return interop.to_hf_state_dict(jax.device_get(self.state.params), self.cfg)
+
   def round(self, steps: int) -> float:
     """Runs `steps` steps; seconds per step."""
     start = time.perf_counter()
     for _ in range(steps):
       self.state, self.metrics = self.compiled.train_step(
           self.state, self.batches[self.done % len(self.batches)])
+      if self.done == 0:  # the initial weights' loss, to compare with the peer's
+        self.first_loss = float(self.metrics['cross_entropy'])
       self.done += 1
     jax.block_until_ready(self.metrics)
     return (time.perf_counter() - start) / steps
@@ -159,34 +170,46 @@ class JaxSide:
     return {'peak_memory_gib': memory['peak_bytes_in_use'] / 2**30
             if 'peak_bytes_in_use' in memory else None,
             'peak_rss_gib': flops_lib.peak_rss_gib(), 'pid': os.getpid(),
-            **rates, 'final_loss': float(self.metrics['loss'])}
+            **rates, 'first_loss': self.first_loss, 'final_loss': float(self.metrics['loss']),
+            'parameters': sum(x.size for x in jax.tree.leaves(self.state.params))}
 
 
 class TorchSide:
-  """HF transformers' T5ForConditionalGeneration doing the same training step in PyTorch."""
+  """HF transformers' T5ForConditionalGeneration doing the same training step in PyTorch,
+  from `weights` (HF tensors: the JAX side's initial parameters) when given."""
 
   name = 'torch'
 
-  def __init__(self, cfg: network.Config, args, batches, dtype: str):
+  def __init__(self, cfg: network.Config, args, batches, dtype: str,
+               weights: dict[str, np.ndarray] | None = None):
     import torch
     import transformers
     from transformers.optimization import Adafactor
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
-    act = {'gelu': 'gated-gelu', 'silu': 'gated-silu', 'swish': 'gated-silu'}[
-        cfg.mlp_activations[0]]
-    config = transformers.T5Config(
-        vocab_size=cfg.vocab_size, d_model=cfg.emb_dim, d_kv=cfg.head_dim, d_ff=cfg.mlp_dim,
-        num_layers=cfg.num_encoder_layers, num_decoder_layers=cfg.num_decoder_layers,
-        num_heads=cfg.num_heads, feed_forward_proj=act, dropout_rate=0.0,
-        relative_attention_num_buckets=cfg.relative_attention_num_buckets,
-        relative_attention_max_distance=cfg.relative_attention_max_distance,
-        tie_word_embeddings=cfg.logits_via_embedding, decoder_start_token_id=0,
-        pad_token_id=0, eos_token_id=1)
+    # XLA:CPU flushes subnormal floats to zero; PyTorch by default computes with them, which
+    # x86 cores do in slow microcode (HF's own initialisation of T5 1.1 small made float32
+    # steps 4x slower that way).
+    torch.set_flush_denormal(True)
+    # The architecture as ul2 exports it (interop's config.json), dropout off.
+    config = transformers.T5Config(**{**interop.hf_config(cfg), 'dropout_rate': 0.0})
+    # transformers 5 ties T5's logits to the embedding whatever the keyword says (its
+    # from_pretrained unties a checkpoint that holds both); the attribute unties them, as in
+    # T5 1.1, and the stacks' inputs are then re-tied to the one shared embedding below.
+    config.tie_word_embeddings = bool(cfg.logits_via_embedding)
     self.torch, self.versions = torch, {'torch': torch.__version__,
                                         'transformers': transformers.__version__}
     self.model = transformers.T5ForConditionalGeneration(config).train()
+    self.model.set_input_embeddings(self.model.shared)
+    assert (self.model.lm_head.weight is self.model.shared.weight) == cfg.logits_via_embedding
+    self.parameters = sum(p.numel() for p in self.model.parameters())
+    if weights is not None:
+      missing, unexpected = self.model.load_state_dict(
+          {name: torch.from_numpy(value) for name, value in weights.items()}, strict=False)
+      # The two embed_tokens are the shared embedding (tied in HF's T5).
+      assert not unexpected and set(missing) <= {'encoder.embed_tokens.weight',
+                                                  'decoder.embed_tokens.weight'}, missing
     if args.torch_float32_logits:
       head = self.model.lm_head
 
@@ -219,13 +242,17 @@ class TorchSide:
       self.opt.step()
       self.opt.zero_grad(set_to_none=True)
       self.loss = float(loss.detach())
+      if self.done == 0:
+        self.first_loss = self.loss
       self.done += 1
     return (time.perf_counter() - start) / steps
 
   def report(self, seconds: float) -> dict:
     args = self.args
     return {'tokens_per_s': args.batch_size * (args.inputs_length + args.targets_length)
-            / seconds, 'final_loss': self.loss, 'peak_rss_gib': flops_lib.peak_rss_gib(),
+            / seconds, 'first_loss': self.first_loss, 'final_loss': self.loss,
+            'parameters': self.parameters,
+            'peak_rss_gib': flops_lib.peak_rss_gib(),
             'pid': os.getpid(), **self.versions}
 
 
@@ -235,11 +262,12 @@ class TorchProcess:
 
   name = 'torch'
 
-  def __init__(self, cfg: network.Config, args, batches, dtype: str):
+  def __init__(self, cfg: network.Config, args, batches, dtype: str,
+               weights: dict[str, np.ndarray] | None = None):
     context = multiprocessing.get_context('spawn')  # no fork of a process running XLA
     self.conn, child = context.Pipe()
     self.process = context.Process(target=_torch_process, daemon=True,
-                                   args=(child, cfg, args, batches, dtype))
+                                   args=(child, cfg, args, batches, dtype, weights))
     given = os.environ.get('GLIBC_TUNABLES')
     if args.torch_glibc_tunables is not None:  # read by glibc when the child starts
       os.environ['GLIBC_TUNABLES'] = args.torch_glibc_tunables
@@ -276,9 +304,9 @@ class TorchProcess:
     return report
 
 
-def _torch_process(conn, cfg, args, batches, dtype) -> None:
+def _torch_process(conn, cfg, args, batches, dtype, weights) -> None:
   try:
-    side = TorchSide(cfg, args, batches, dtype)
+    side = TorchSide(cfg, args, batches, dtype, weights)
   except Exception as e:
     conn.send((False, e))
     return
@@ -352,7 +380,7 @@ def main(argv=None):
     sides = [JaxSide(cfg, args, batches)]
     if not args.no_torch:
       try:
-        sides.append(TorchProcess(cfg, args, batches, dtype))
+        sides.append(TorchProcess(cfg, args, batches, dtype, sides[0].hf_weights()))
       except ImportError as e:
         print(f'PyTorch peer skipped ({e}); install the bench extra: pip install -e ".[bench]"')
         args.no_torch = True
@@ -369,7 +397,9 @@ def main(argv=None):
       entry['jax_over_torch'] = jax_run['tokens_per_s'] / torch_run['tokens_per_s']
       line += (f'   HF PyTorch {torch_run["tokens_per_s"]:>10,.0f} tokens/s (spread '
                f'{torch_run["spread"]:.0%}, peak RSS {torch_run["peak_rss_gib"]:.2f} GiB)   '
-               f'ratio of medians {entry["jax_over_torch"]:.2f}x (target >= 1.0x)')
+               f'ratio of medians {entry["jax_over_torch"]:.2f}x (target >= 1.0x); '
+               f'first-step cross-entropy {jax_run["first_loss"]:.4f} / '
+               f'{torch_run["first_loss"]:.4f} (the same initial weights)')
     results['runs'][dtype] = entry
     print(line, flush=True)
   flops_lib.finish_report(results, args.json)

@@ -496,6 +496,10 @@ def test_bench_train_alternates_jax_and_pytorch_rounds():
     assert np.isfinite(entry[side]['final_loss'])
   assert entry['jax_over_torch'] == pytest.approx(
       entry['torch']['seconds_per_step'] / entry['jax']['seconds_per_step'])
+  # The same step: the same parameters (an untied logits kernel, one input embedding), from
+  # ul2's initial weights, so the first losses agree.
+  assert entry['torch']['parameters'] == entry['jax']['parameters']
+  assert entry['torch']['first_loss'] == pytest.approx(entry['jax']['first_loss'], rel=1e-5)
   # Each side's peak resident memory is its own: PyTorch runs in a process of its own.
   assert entry['jax']['pid'] == os.getpid() != entry['torch']['pid']
   assert all(0.1 < entry[side]['peak_rss_gib'] < 64 for side in ('jax', 'torch'))
@@ -503,7 +507,8 @@ def test_bench_train_alternates_jax_and_pytorch_rounds():
 
 def test_bench_train_can_give_pytorch_t5x_float32_logits():
   """--torch_float32_logits: under bfloat16 autocast the PyTorch peer's logits product is
-  float32 (T5X's logits_dense, as ul2 computes it); HF's own runs it in bfloat16."""
+  float32 (T5X's logits_dense, as ul2 computes it); HF's own runs it in bfloat16. The peer
+  flushes subnormals to zero, as XLA:CPU does."""
   import torch
   import bench_train
   cfg = bench_train.model_config('tiny', 'bfloat16')
@@ -518,6 +523,11 @@ def test_bench_train_can_give_pytorch_t5x_float32_logits():
     expected = hidden.to(dtype).float() @ side.model.lm_head.weight.to(dtype).float().T
     torch.testing.assert_close(logits.float(), expected, rtol=2e-2, atol=2e-2)
     assert side.round(1) > 0 and np.isfinite(side.loss)
+  # Subnormals flush to zero in the peer, as in XLA:CPU (jnp: 1e-39 * 1.5 == 0).
+  assert float(jax.jit(lambda x: x * 1.5)(np.float32(1e-39))) == 0.0
+  assert (torch.tensor([1e-39]) * 1.5).item() == 0.0
+  torch.set_flush_denormal(False)  # the process's other tests: PyTorch's default
+  assert (torch.tensor([1e-39]) * 1.5).item() != 0.0
 
 
 def test_bench_train_stops_with_a_message_when_the_pytorch_process_dies():
