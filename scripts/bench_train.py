@@ -16,11 +16,11 @@ buckets), the same Adafactor (factored, decay 0.8, clipping 1.0, parameter scali
 `transformers.optimization.Adafactor` implements the same algorithm) on the same token batches,
 dropout off, from the same initial weights (ul2's, in HF's names: `interop.to_hf_state_dict`;
 both report the first step's cross-entropy), and with subnormal floats flushed to zero on both
-sides, as XLA:CPU computes. bfloat16 means bfloat16 activations with float32 parameters on both sides (JAX:
-`network.Config.dtype`; PyTorch: `torch.autocast`), with one difference: ul2's logits product
-is float32, as T5X's `logits_dense` is, where autocast runs HF's in bfloat16;
-`--torch_float32_logits` gives PyTorch T5X's. The PyTorch side needs the `bench` extra
-(`pip install -e '.[bench]'`).
+sides, as XLA:CPU computes. bfloat16 means bfloat16 activations with float32 parameters on
+both sides (JAX: `network.Config.dtype`; PyTorch: `torch.autocast`), with one difference:
+ul2's logits product is float32, as T5X's `logits_dense` is, where autocast runs HF's in
+bfloat16; `--torch_float32_logits` gives PyTorch T5X's. The PyTorch side needs the `bench`
+extra (`pip install -e '.[bench]'`).
 
 `--synthetic` feeds random tokens and imports neither TensorFlow nor seqio, so it runs on an
 accelerator image that has only JAX; without it the batches are real packed MoD batches.
@@ -203,11 +203,11 @@ class TorchSide:
     self.model = transformers.T5ForConditionalGeneration(config).train()
     self.model.set_input_embeddings(self.model.shared)
     assert (self.model.lm_head.weight is self.model.shared.weight) == cfg.logits_via_embedding
-    self.parameters = sum(p.numel() for p in self.model.parameters())
+    self.parameter_count = sum(p.numel() for p in self.model.parameters())
     if weights is not None:
       missing, unexpected = self.model.load_state_dict(
           {name: torch.from_numpy(value) for name, value in weights.items()}, strict=False)
-      # The two embed_tokens are the shared embedding (tied in HF's T5).
+      # The two embed_tokens are the shared embedding (tied above), which the tensors hold.
       assert not unexpected and set(missing) <= {'encoder.embed_tokens.weight',
                                                   'decoder.embed_tokens.weight'}, missing
     if args.torch_float32_logits:
@@ -251,7 +251,7 @@ class TorchSide:
     args = self.args
     return {'tokens_per_s': args.batch_size * (args.inputs_length + args.targets_length)
             / seconds, 'first_loss': self.first_loss, 'final_loss': self.loss,
-            'parameters': self.parameters,
+            'parameters': self.parameter_count,
             'peak_rss_gib': flops_lib.peak_rss_gib(),
             'pid': os.getpid(), **self.versions}
 
