@@ -171,7 +171,9 @@ def test_scan_and_remat_give_the_same_logits_and_gradients():
   (ref_loss, ref_logits), ref_grads = jax.value_and_grad(
       lambda p: loss(TINY, p), has_aux=True)(params)
   for overrides in ({'scan_layers': True}, {'remat_policy': 'full'},
-                    {'scan_layers': True, 'remat_policy': 'minimal'}):
+                    {'scan_layers': True, 'remat_policy': 'minimal'},
+                    {'remat_policy': 'projections'},
+                    {'scan_layers': True, 'remat_policy': 'projections'}):
     cfg = dataclasses.replace(TINY, **overrides)
     p = network.stack_layers(params, cfg) if cfg.scan_layers else params
     (l, logits), grads = jax.value_and_grad(lambda p: loss(cfg, p), has_aux=True)(p)
@@ -489,14 +491,15 @@ def tiny_model_batch_and_params(dtype='float32'):
   return network.Transformer(cfg), batch, boxed, network.init_params(cfg, jax.random.key(0))
 
 
-@pytest.mark.parametrize('data, model, dims', [(2, 4, 1), (2, 4, 2), (8, 1, 1)])
-def test_sharded_logits_equal_unsharded(data, model, dims):
+@pytest.mark.parametrize('data, model, dims, activation_dims',
+                         [(2, 4, 1, 1), (2, 4, 2, 1), (8, 1, 1, 1), (2, 4, 1, 2), (2, 4, 2, 2)])
+def test_sharded_logits_equal_unsharded(data, model, dims, activation_dims):
   net, batch, boxed, params = tiny_model_batch_and_params()
   cfg = net.config
   expected = net.apply({'params': params}, **batch)
 
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=data, model=model))
-  rules = partitioning.logical_axis_rules(dims)
+  rules = partitioning.logical_axis_rules(dims, activation_dims)
   shardings = partitioning.logical_shardings(boxed, mesh, rules)
   sharded_params = jax.device_put(params, shardings)
   # The parameters really are split: the embedding over the model (and, 2-D, data) axis.

@@ -22,10 +22,12 @@ import jax
 
 from ul2 import network
 
-# Dense bfloat16 peak FLOP/s per chip, by `jax.Device.device_kind` prefix.
+# Dense bfloat16 peak FLOP/s per chip, by `jax.Device.device_kind` prefix, first match: v5e
+# calls itself 'TPU v5 lite', v5p 'TPU v5', v6e 'TPU v6 lite'.
 PEAK_FLOPS = {
     'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
-    'TPU v6': 918e12, 'NVIDIA A100': 312e12, 'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12,
+    'TPU v5': 459e12, 'TPU v6': 918e12, 'NVIDIA A100': 312e12, 'NVIDIA H100': 989e12,
+    'NVIDIA H200': 989e12,
 }
 
 

@@ -69,6 +69,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 PAD_ID = 0  # also the decoder start token
@@ -87,6 +88,13 @@ _REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     # Keep the matmul outputs, recompute the cheap element-wise work (T5X's 'minimal').
     'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep only the products the backward pass reads: the query, key and value projections
+    # (attention's gradient) and the MLP's input projections (the gate's). The attention and
+    # MLP output projections only feed the residual sum, so they are recomputed: one
+    # [tokens, embed] product each instead of two [tokens, embed] stacks per layer, which
+    # 'minimal' keeps unsharded under 1-D activation partitioning.
+    'projections': jax.checkpoint_policies.save_only_these_names(
+        'query_proj', 'key_proj', 'value_proj', 'mlp_wi'),
 }
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -124,7 +132,8 @@ class Config:
   # decoder_causal_attention attend to each other both ways); False, causal throughout.
   prefix_lm: bool = True
   # Large models: one scanned layer per stack compiles in constant time; remat trades
-  # recomputation for activation memory ('none', 'minimal' or 'full'). Pair remat with scan:
+  # recomputation for activation memory ('none', 'projections', 'minimal' or 'full';
+  # docs/pods.md compares them on TPU slices). Pair remat with scan:
   # without scan, XLA schedules the recomputation early and remat saves little (README,
   # "Training speed", has the compiled-memory figures).
   scan_layers: bool = False
@@ -476,9 +485,12 @@ class MultiHeadDotProductAttention(nn.Module):
     projection = functools.partial(Dense, joined, ('embed', 'joined_kv'), dtype=self.dtype)
     batch, q_length = inputs_q.shape[:2]
     # [batch, length, embed] -> [batch, length, heads, kv]
-    query = projection(kernel_init=query_init, name='query')(inputs_q)
-    key = projection(kernel_init=kernel_init, name='key')(inputs_kv)
-    value = projection(kernel_init=kernel_init, name='value')(inputs_kv)
+    query = checkpoint_name(projection(kernel_init=query_init, name='query')(inputs_q),
+                            'query_proj')
+    key = checkpoint_name(projection(kernel_init=kernel_init, name='key')(inputs_kv),
+                          'key_proj')
+    value = checkpoint_name(projection(kernel_init=kernel_init, name='value')(inputs_kv),
+                            'value_proj')
     query = query.reshape(batch, q_length, self.num_heads, self.head_dim)
     key = key.reshape(batch, inputs_kv.shape[1], self.num_heads, self.head_dim)
     value = value.reshape(batch, inputs_kv.shape[1], self.num_heads, self.head_dim)
@@ -560,8 +572,8 @@ class MlpBlock(nn.Module):
     hidden = None
     for i, name in enumerate(cfg.mlp_activations):
       # [batch, length, embed] -> [batch, length, mlp]
-      h = Dense(cfg.mlp_dim, ('embed', 'mlp'), dtype=cfg.activation_dtype,
-                name=f'wi_{i}' if gated else 'wi')(x)
+      h = checkpoint_name(Dense(cfg.mlp_dim, ('embed', 'mlp'), dtype=cfg.activation_dtype,
+                                name=f'wi_{i}' if gated else 'wi')(x), 'mlp_wi')
       h = _ACTIVATIONS[name](h)
       hidden = h if hidden is None else hidden * h
     hidden = _constrain(hidden, ('batch', 'length', 'mlp'))

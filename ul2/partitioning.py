@@ -8,7 +8,9 @@ One table of rules maps them onto the named mesh axes `data` and `model`:
     'model'
 
 With 2-D parameter partitioning, `embed` is also sharded over `data` (FSDP-like) wherever
-`data` is not already taken by `batch`, i.e. on parameters but not on activations.
+`data` is not already taken by `batch`, i.e. on parameters but not on activations; with 2-D
+activation partitioning, activations' `embed` is sharded over `model` (T5X's
+`activation_partitioning_dims=2`), which large models on pods need.
 """
 
 from __future__ import annotations
@@ -24,30 +26,46 @@ from jax.sharding import Mesh, NamedSharding
 AxisRules = tuple[tuple[str, str | None], ...]
 
 
-def logical_axis_rules(parameter_partitioning_dims: int = 1) -> AxisRules:
-  """T5X's standard rules (`standard_logical_axis_rules`, 1-D activations).
+def logical_axis_rules(parameter_partitioning_dims: int = 1,
+                       activation_partitioning_dims: int = 1) -> AxisRules:
+  """T5X's `standard_logical_axis_rules`, for 1-D or 2-D parameters and activations.
 
-  Flax applies the rules in order and skips a mesh axis an array already uses, so the
-  `('embed', 'data')` rule shards parameters' `embed` axis but leaves activations, whose `batch`
-  already holds `data`, to the later `('embed', None)`.
+  Flax applies the rules in order and skips a mesh axis an array already uses. With 2-D
+  parameters, `('embed', 'data')` shards parameters' `embed` axis but not activations', whose
+  `batch` already holds `data`. With 2-D activations, `('embed', 'model')` also splits the
+  activations' `embed` axis over `model` (the residual stream, 1/model of it per device), while
+  a kernel's `embed` axis stays off `model`, which its `mlp`, `heads`, `joined_kv` or `vocab`
+  axis took first:
+
+      >>> rules = logical_axis_rules(parameter_partitioning_dims=2,
+      ...                            activation_partitioning_dims=2)
+      >>> [mesh for name, mesh in rules if name == 'embed']
+      ['model', 'data', None]
+      >>> tuple(nn.logical_to_mesh_axes(('batch', 'length', 'embed'), rules))
+      ('data', None, 'model')
+      >>> tuple(nn.logical_to_mesh_axes(('embed', 'mlp'), rules))
+      ('data', 'model')
   """
-  if parameter_partitioning_dims not in (1, 2):
-    raise ValueError('parameter_partitioning_dims must be 1 (model parallel only) or 2 '
-                     f'(also shard embed over data), got {parameter_partitioning_dims}.')
+  for name, value in (('parameter_partitioning_dims', parameter_partitioning_dims),
+                      ('activation_partitioning_dims', activation_partitioning_dims)):
+    if value not in (1, 2):
+      raise ValueError(f'MeshConfig.{name} must be 1 or 2, got {value}.')
   rules: list[tuple[str, str | None]] = [
       ('batch', 'data'),
       ('vocab', 'model'),
       ('mlp', 'model'),
       ('heads', 'model'),
+      ('kv', None),
       ('joined_kv', 'model'),
   ]
+  if activation_partitioning_dims == 2:
+    rules.append(('embed', 'model'))
   if parameter_partitioning_dims == 2:
     rules.append(('embed', 'data'))
   rules += [
       ('embed', None),
-      ('kv', None),
-      ('length', None),
       ('relpos_buckets', None),
+      ('length', None),
       ('layers', None),
   ]
   return tuple(rules)
@@ -59,11 +77,22 @@ class MeshConfig:
 
   data: int = -1
   model: int = 1  # model parallelism: 8 for UL2 20B on a TPU v4 pod, as in the paper
-  parameter_partitioning_dims: int = 1
+  parameter_partitioning_dims: int = 1  # 2: parameters' embed axis also over data (FSDP-like)
+  activation_partitioning_dims: int = 1  # 2: activations' embed axis also over model
+
+  def rules(self) -> AxisRules:
+    return logical_axis_rules(self.parameter_partitioning_dims,
+                              self.activation_partitioning_dims)
 
 
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A `Mesh(('data', 'model'))` over all devices (every process's, on multi-host runs).
+
+  On TPUs the mesh follows the chips' physical torus (`mesh_utils.create_device_mesh`), so
+  that a model-parallel group, which exchanges activations at every layer, is a ring of
+  neighbouring chips; over several slices (multislice) `data` also spans the slices
+  (`create_hybrid_device_mesh`) and `model` stays inside one. Elsewhere the devices are taken
+  in order.
 
   >>> dict(make_mesh(MeshConfig(data=1, model=1), jax.devices()[:1]).shape)
   {'data': 1, 'model': 1}
@@ -82,7 +111,29 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
   if data * model != n:
     raise ValueError(f'MeshConfig(data={data}, model={model}) needs {data * model} devices but '
                      f'{n} are available; set data * model = {n} (or data = -1).')
-  return Mesh(np.asarray(devices).reshape(data, model), ('data', 'model'))
+  if devices[0].platform != 'tpu':
+    return Mesh(np.asarray(devices).reshape(data, model), ('data', 'model'))
+  return Mesh(_tpu_device_grid(devices, data, model), ('data', 'model'))
+
+
+def _tpu_device_grid(devices: Sequence[jax.Device], data: int, model: int) -> np.ndarray:
+  """[data, model] TPU devices laid along the physical torus."""
+  from jax.experimental import mesh_utils
+
+  slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  try:
+    if slices > 1:
+      if data % slices:
+        raise ValueError(f'The {slices} TPU slices split the data axis: MeshConfig.data '
+                         f'({data}) must be a multiple of {slices}.')
+      return mesh_utils.create_hybrid_device_mesh((data // slices, model), (slices, 1), devices)
+    return mesh_utils.create_device_mesh((data, model), devices)
+  except (ValueError, AssertionError, NotImplementedError):
+    if slices > 1:
+      raise
+    # A shape the torus cannot hold without splitting one of its axes over both mesh axes.
+    return mesh_utils.create_device_mesh((data, model), devices,
+                                         allow_split_physical_axes=True)
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: AxisRules) -> Any:

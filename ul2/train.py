@@ -24,7 +24,6 @@ TensorFlow and seqio only when it builds a seqio input pipeline, so a synthetic-
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import signal
@@ -377,12 +376,30 @@ class CompiledRun:
                         shapes, self.shardings)
 
 
+@dataclasses.dataclass(frozen=True)
+class _InMesh:
+  """A jitted function called, or lowered (`.lower(*abstract_args)`, ahead-of-time
+  compilation for another machine), under its mesh and logical-axis rules."""
+
+  fn: Any
+  mesh: Mesh
+  rules: partitioning.AxisRules
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.fn(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.fn.lower(*args)
+
+
 def compile_run(model: network.Config, optimizer: OptimizerConfig, run: TrainConfig,
                 mesh: partitioning.MeshConfig,
                 devices: Sequence[jax.Device] | None = None) -> CompiledRun:
   """Mesh, sharded init, and jitted train and eval steps under the logical-axis rules."""
   device_mesh = partitioning.make_mesh(mesh, devices)
-  rules = partitioning.logical_axis_rules(mesh.parameter_partitioning_dims)
+  rules = mesh.rules()
   tx, schedule = make_optimizer(optimizer, run.steps, model)
   shardings = state_shardings(model, tx, device_mesh, rules)
   per_layer = shardings.params
@@ -393,11 +410,7 @@ def compile_run(model: network.Config, optimizer: OptimizerConfig, run: TrainCon
   net = network.build(model)
 
   def in_mesh(fn):
-    @functools.wraps(fn)
-    def wrapped(*args):
-      with jax.set_mesh(device_mesh), nn.logical_axis_rules(rules):
-        return fn(*args)
-    return wrapped
+    return _InMesh(fn, device_mesh, rules)
 
   return CompiledRun(
       mesh=device_mesh, model=net, optimizer=tx, shardings=shardings,
