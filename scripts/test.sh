@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs ul2 with its test and hf extras into ./.venv (created if missing) and runs the whole
 # suite (the hf extra: torch 2.13.0 CPU and transformers 5.x, for the interop tests; and the
-# T5 library without its dependencies, the data benchmark's reference).
+# T5 library without its dependencies, the data benchmark's reference; libtpu in its own folder,
+# XLA's TPU compiler for test_aot.py).
 INSTALL_EXTRA=test,hf
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 # transformers 4.x beside it, in its own folder: the export is also checked with 4.x, loaded
@@ -14,6 +15,18 @@ if [ ! -f "$T4/.installed-4.57.1" ]; then
     transformers==4.57.1 huggingface-hub==0.36.0 tokenizers==0.22.1 >"$VENV/install4.log" 2>&1 \
     || { cat "$VENV/install4.log" >&2; exit 1; }
   touch "$T4/.installed-4.57.1"
+fi
+# libtpu beside it, in its own folder: scripts/compile_tpu.py and test_aot.py compile for
+# abstract TPU slices with it; in the environment itself every JAX process on this TPU-less
+# machine would try to start a TPU and print libtpu's errors.
+LIBTPU="$VENV/libtpu"
+if [ ! -f "$LIBTPU/.installed-0.0.42" ]; then
+  echo "== installing libtpu 0.0.42 into $LIBTPU (XLA's TPU compiler, for test_aot.py)"
+  rm -rf "$LIBTPU"
+  python -m pip install --quiet --disable-pip-version-check --no-deps --target "$LIBTPU" \
+    'libtpu==0.0.42.*' >"$VENV/install_libtpu.log" 2>&1 \
+    || { cat "$VENV/install_libtpu.log" >&2; exit 1; }
+  touch "$LIBTPU/.installed-0.0.42"
 fi
 # The T5 library, without its dependencies: bench_data.py runs T5's own span_corruption
 # pipeline as the reference (its preprocessors.py needs only seqio, TensorFlow, gin and babel).

@@ -15,6 +15,11 @@ os.environ['CUDA_VISIBLE_DEVICES'] = ''
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# libtpu, for compiling for abstract TPU slices (test_aot.py), kept out of the environment
+# (scripts/test.sh installs it here; scripts/compile_tpu.py looks here too).
+_LIBTPU = os.environ.get('UL2_LIBTPU_DIR', os.path.join(sys.prefix, 'libtpu'))
+if os.path.isdir(_LIBTPU):
+  sys.path.insert(0, _LIBTPU)
 # Scripts are tested through their importable pieces (gin parsing, entry points).
 sys.path.insert(0, os.path.join(REPO, 'scripts'))
 

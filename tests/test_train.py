@@ -21,7 +21,7 @@ import train as train_script
 import train_setup
 from train_setup import TINY, fixed_batch, run
 from ul2 import data as data_lib
-from ul2 import flops, network, partitioning
+from ul2 import aot, flops, network, partitioning
 from ul2 import train as T
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -130,7 +130,7 @@ def test_an_unfinished_checkpoint_is_not_taken_as_valid(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def test_one_device_and_eight_devices_train_alike(tmp_path):
-  """The same run on 1 device, 8x1, 2x4 and 2x4 with 2-D parameter partitioning.
+  """The same run on 1 device, 8x1, 2x4, and 2x4 with 2-D parameters (and activations).
 
   Sharded reductions add in a different order, so losses agree to float32 rounding, not
   bitwise: 1e-5 relative over 4 steps (observed differences ~1e-7).
@@ -139,7 +139,10 @@ def test_one_device_and_eight_devices_train_alike(tmp_path):
   for name, mesh in (('8x1', partitioning.MeshConfig(data=8, model=1)),
                      ('2x4', partitioning.MeshConfig(data=2, model=4)),
                      ('2x4_2d', partitioning.MeshConfig(data=2, model=4,
-                                                        parameter_partitioning_dims=2))):
+                                                        parameter_partitioning_dims=2)),
+                     ('2x4_2d_activations', partitioning.MeshConfig(
+                         data=2, model=4, parameter_partitioning_dims=2,
+                         activation_partitioning_dims=2))):
     result = run(str(tmp_path / name), steps=4, mesh=mesh)
     np.testing.assert_allclose(losses(result), reference, rtol=1e-5, err_msg=name)
 
@@ -346,7 +349,9 @@ def test_every_experiment_gin_file_parses_and_binds(path):
   model = gin_cli.macro('MODEL_CONFIG')
   assert isinstance(model, network.Config)
   configs = bound_configs()
-  assert configs['data'].task in __import__('seqio').TaskRegistry.names()
+  seqio = __import__('seqio')
+  assert configs['data'].task in (set(seqio.TaskRegistry.names())
+                                  | set(seqio.MixtureRegistry.names()))
   assert configs['run'].steps > 0 and configs['data'].batch_size > 0
   if configs['mesh'].model > 1:
     assert model.num_heads % configs['mesh'].model == 0
@@ -436,7 +441,8 @@ def test_microbatches_that_do_not_split_the_batch(tmp_path):
     run(str(tmp_path), steps=1, microbatches=3)
 
 
-@pytest.mark.parametrize('module', [T, data_lib, flops], ids=lambda m: m.__name__)
+@pytest.mark.parametrize('module', [T, data_lib, flops, aot],
+                         ids=lambda m: m.__name__)
 def test_docstring_examples(module):
   import doctest
   result = doctest.testmod(module)
@@ -796,7 +802,7 @@ def test_every_script_has_full_help_without_loading_tensorflow():
   scripts = os.path.join(os.path.dirname(TESTS), 'scripts')
   for name in ('train', 'eval', 'infer', 'inspect_task', 'bench_data', 'bench_train',
                'export_hf', 'export_t5x', 'convert_t5x_gin', 'ablate', 'bench_decode',
-               'bench_matmul'):
+               'bench_matmul', 'compile_tpu'):
     code = ('import contextlib, io, runpy, sys\n'
             f'sys.argv = [{name!r}, "--help"]; sys.path.insert(0, {scripts!r})\n'
             'out = io.StringIO()\n'
