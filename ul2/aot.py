@@ -474,11 +474,14 @@ def format_report(r: Mapping[str, Any], min_headroom: float = 0.0) -> str:
         f"  peak         {g(memory['peak_bytes']):>12}  of {g(hbm)} HBM: {verdict}, headroom "
         f"{g(memory['headroom_bytes'])} ({memory['headroom_fraction']:.1%})"]
   state = r['state']
-  replicated = ', '.join(f"{x['leaf']} ({x['bytes'] / 2**20:.1f} MiB)"
-                         for x in state['replicated_over_1mib']) or 'none'
+  leaves = sorted(state['replicated_over_1mib'], key=lambda x: -x['bytes'])
+  replicated = ', '.join(f"{x['leaf']} ({x['bytes'] / 2**20:.1f} MiB)" for x in leaves[:6])
+  if len(leaves) > 6:  # a data-parallel run replicates every parameter; the JSON has them all
+    replicated += (f" and {len(leaves) - 6} more ({sum(x['bytes'] for x in leaves) / GiB:.2f} "
+                   'GiB in all)')
   lines.append(f"train state per chip: {g(state['per_chip'])} (parameters "
                f"{g(state['params_per_chip'])}, optimizer {g(state['opt_state_per_chip'])}); "
-               f"replicated leaves over 1 MiB: {replicated}")
+               f"replicated leaves over 1 MiB: {replicated or 'none'}")
   lines.append(f"FLOPs per step: {r['model_flops_per_step']:.3e} (model, ul2.flops), "
                f"{r['model_flops_per_chip']:.3e} per chip")
   if r['ideal_step_seconds']:
