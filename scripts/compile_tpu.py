@@ -13,10 +13,10 @@ argument, output, temporary and peak bytes against the chip's HBM with FITS or D
 the headroom; the train state's bytes and any replicated leaf over 1 MiB; the model's FLOPs per
 step and the ideal step time at the chip's peak; XLA's cost model's predicted step time and MFU
 (recomputation and collectives included); the collectives per step by kind; and the chip
-coordinates of a model-parallel group. libtpu is read from UL2_LIBTPU_DIR (default
-.venv/libtpu, where scripts/test.sh installs it) or the environment. The slice is --topology or the gin files' TPU_SLICE
-macro (the pod recipes set it). Exit status 1 when the step does not fit (or has less headroom
-than --min_headroom); --json writes the same figures.
+coordinates of a model-parallel group. The slice is --topology or the gin files' TPU_SLICE
+macro (the pod recipes set it). libtpu is read from UL2_LIBTPU_DIR (default .venv/libtpu,
+where scripts/test.sh installs it) or the environment. Exit status 1 when the step does not
+fit (or has less headroom than --min_headroom); --json writes the same figures.
 """
 
 import json

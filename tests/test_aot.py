@@ -199,9 +199,8 @@ def test_the_compile_command_reports_a_small_run_on_v4_8(tmp_path):
   assert memory['headroom_bytes'] == 32 * 2**30 - memory['peak_bytes']
   assert 0 < memory['alias_bytes'] <= memory['argument_bytes']  # the donated state
   # The state's bytes are the shards of the run's own state (2-D parameters: 1/4 each).
-  cfg = network.Config(**{**dataclasses.asdict(network.Config()), **{
-      'vocab_size': 32128, 'emb_dim': 32, 'num_heads': 4, 'head_dim': 8, 'mlp_dim': 64,
-      'num_encoder_layers': 2, 'num_decoder_layers': 2}})
+  cfg = network.Config(vocab_size=32128, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
+                       num_encoder_layers=2, num_decoder_layers=2)  # models/tiny.gin
   params = network.count_parameters(network.param_shapes(cfg))
   assert r['parameters'] == params
   assert r['state']['params_per_chip'] == pytest.approx(4 * params / 4, rel=0.01)

@@ -1,10 +1,11 @@
 """A run's train step compiled ahead of time for a TPU slice, on any machine: will it fit?
 
 JAX compiles for an abstract TPU topology on a CPU-only machine once it can import `libtpu`
-(scripts/compile_tpu.py finds it in `.venv/libtpu`). `compile_train_step` builds the real train step of a run (its
-model, optimizer, batch and mesh, as `train.train` would) over the slice's abstract chips,
-with abstract inputs, and `report` reads what XLA's TPU compiler says of it: per-chip memory
-against the chip's HBM, the collectives it issues, and its own cost model's step time.
+(scripts/compile_tpu.py finds it in `.venv/libtpu`). `compile_train_step` builds the real
+train step of a run (its model, optimizer, batch and mesh, as `train.train` would) over the
+slice's abstract chips, with abstract inputs, and `report` reads what XLA's TPU compiler says
+of it: per-chip memory against the chip's HBM, the collectives it issues, and its own cost
+model's step time.
 
 Slices are named as Cloud TPU names them (`v4-512`: 512 TensorCores, 256 chips):
 
@@ -32,7 +33,6 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ul2 import flops as flops_lib
 from ul2 import network, partitioning
@@ -93,13 +93,11 @@ class TpuSlice:
       os.environ.setdefault(key, value)
     from jax.experimental import topologies
 
-    dims = self.topology.split(':')[1].split('x')
     bounds = (1, 1, 1) if self.chips == 1 else (2, 2, 1)
     wrap = self.wrap + (False,) * (3 - len(self.wrap))
     return list(topologies.get_topology_desc(
         platform='tpu', topology_name=self.topology, chip_config_name=self.chip_config,
-        chips_per_host_bounds=bounds, num_slices=1, wrap=wrap).devices)[:math.prod(
-            int(d) for d in dims)]
+        chips_per_host_bounds=bounds, num_slices=1, wrap=wrap).devices)
 
 
 def tpu_slice(name: str) -> TpuSlice:
@@ -155,12 +153,20 @@ def compile_train_step(run: Run, devices: Sequence[jax.Device],
 
   Raises XLA's error (`RESOURCE_EXHAUSTED: ...`) when the step does not fit.
   """
-  compiled_run = train_lib.compile_run(run.model, run.optimizer, run.run, run.mesh,
-                                       devices=devices)
+  compiled_run = _compiled_run(run, devices)
+  return compiled_run, _compile(run, compiled_run, compiler_options)
+
+
+def _compiled_run(run: Run, devices: Sequence[jax.Device]) -> train_lib.CompiledRun:
+  return train_lib.compile_run(run.model, run.optimizer, run.run, run.mesh, devices=devices)
+
+
+def _compile(run: Run, compiled_run: train_lib.CompiledRun,
+             compiler_options: Mapping[str, Any] | None = None):
   partitioning.check_batch_size(run.batch_size, compiled_run.mesh, run.run.microbatches)
   batch = abstract_batch(run.feature_lengths, run.batch_size, compiled_run.mesh)
   lowered = compiled_run.train_step.lower(compiled_run.abstract_state(), batch)
-  return compiled_run, lowered.compile(compiler_options=dict(compiler_options or {}))
+  return lowered.compile(compiler_options=dict(compiler_options or {}))
 
 
 def _with_layers(run: Run, encoder: int, decoder: int) -> Run:
@@ -194,8 +200,7 @@ def _cost(compiled) -> dict[str, float]:
           'uncosted_ops': uncosted}
 
 
-def layer_costs(run: Run, devices: Sequence[jax.Device],
-                depths: Sequence[tuple[int, int]] | None = None) -> dict[str, Any]:
+def layer_costs(run: Run, devices: Sequence[jax.Device]) -> dict[str, Any]:
   """XLA's per-chip FLOPs and `optimal_seconds` of the whole step, from unscanned compiles.
 
   On large meshes XLA's TPU compiler splits a product whose operand it must gather or whose
@@ -211,8 +216,7 @@ def layer_costs(run: Run, devices: Sequence[jax.Device],
   then counted that many times).
   """
   decoder_only = run.model.architecture == 'decoder_only'
-  if depths is None:
-    depths = [(1, 1), (1, 2)] if decoder_only else [(1, 1), (2, 1), (1, 2)]
+  depths = [(1, 1), (1, 2)] if decoder_only else [(1, 1), (2, 1), (1, 2)]
   costs = {}
   for encoder, decoder in depths:
     _, compiled = compile_train_step(_with_layers(run, encoder, decoder), devices, LOOP_FREE)
@@ -336,7 +340,7 @@ def state_bytes(abstract_state: Any) -> dict[str, Any]:
   replicated = []
   for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state):
     shard = math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-    per_part[_leaf_name(path[:1]).split('/')[0]] += shard
+    per_part[_leaf_name(path[:1])] += shard
     total = math.prod(leaf.shape) * leaf.dtype.itemsize
     if leaf.sharding.is_fully_replicated and total > 2**20 and len(leaf.sharding.device_set) > 1:
       replicated.append({'leaf': _leaf_name(path), 'bytes': total})
@@ -392,19 +396,20 @@ def report(run: Run, tpu: TpuSlice, devices: Sequence[jax.Device] | None = None,
   log(f'Compiling the train step for {tpu.name} ({kind}, {tpu.chips} chips, '
       f'{tpu.topology})...')
   start = time.perf_counter()
+  compiled_run = _compiled_run(run, devices)
+  out.update(mesh_shape=dict(compiled_run.mesh.shape),
+             model_group_coords=_model_group(compiled_run.mesh),
+             state=state_bytes(compiled_run.abstract_state()))
   try:
-    compiled_run, compiled = compile_train_step(run, devices)
+    compiled = _compile(run, compiled_run)
   except Exception as e:  # XLA's verdict: RESOURCE_EXHAUSTED
     exhausted = _resource_exhausted(e)
     if exhausted is None:
       raise
-    compiled_run = train_lib.compile_run(run.model, run.optimizer, run.run, run.mesh,
-                                         devices=devices)
     out.update(fits=False, compile_seconds=time.perf_counter() - start,
                memory={'error': exhausted['message'],
                        'required_temporaries_bytes': exhausted['required_bytes'],
                        'available_bytes': exhausted['available_bytes']})
-    out.update(_mesh_fields(compiled_run), state=state_bytes(compiled_run.abstract_state()))
     return out
   out['compile_seconds'] = time.perf_counter() - start
   stats = compiled.memory_analysis()
@@ -421,7 +426,6 @@ def report(run: Run, tpu: TpuSlice, devices: Sequence[jax.Device] | None = None,
       'headroom_fraction': 1 - peak_bytes / tpu.hbm_bytes,
   }
   out['fits'] = peak_bytes <= tpu.hbm_bytes
-  out.update(_mesh_fields(compiled_run), state=state_bytes(compiled_run.abstract_state()))
   out['collectives'] = collectives(compiled.as_text())
   if cost_model:
     log('Compiling 1- and 2-layer unscanned copies for XLA\'s cost model...')
@@ -439,11 +443,6 @@ def report(run: Run, tpu: TpuSlice, devices: Sequence[jax.Device] | None = None,
   return out
 
 
-def _mesh_fields(compiled_run) -> dict[str, Any]:
-  return {'mesh_shape': dict(compiled_run.mesh.shape),
-          'model_group_coords': _model_group(compiled_run.mesh)}
-
-
 def format_report(r: Mapping[str, Any], min_headroom: float = 0.0) -> str:
   """The compile command's printout of a `report`."""
   g = lambda b: f'{b / GiB:.2f} GiB'
@@ -455,7 +454,7 @@ def format_report(r: Mapping[str, Any], min_headroom: float = 0.0) -> str:
            f"{r['microbatches']} microbatch(es), {r['dtype']}, remat {r['remat_policy']!r}, "
            f"activation/parameter partitioning {r['mesh']['activation_partitioning_dims']}-D/"
            f"{r['mesh']['parameter_partitioning_dims']}-D",
-           f"model-parallel group 0, chip coordinates: "
+           "model-parallel group 0, chip coordinates: "
            + ' '.join('(' + ','.join(map(str, c)) + ')' for c in r['model_group_coords'])]
   memory = r['memory']
   hbm = r['hbm_bytes_per_chip']
