@@ -1,6 +1,7 @@
-"""Compile a run's train step for a TPU slice on this machine and say whether it fits.
+"""Compile a run's train step (or a file's decoding) for a TPU slice here: does it fit?
 
     python scripts/compile_tpu.py --gin_file=experiments/ul2_20b_tpu_v4.gin
+    python scripts/compile_tpu.py --gin_file=experiments/ul2_20b_infer_tpu_v4.gin
     python scripts/compile_tpu.py --topology=v4-8 --gin_file=models/small.gin \\
         --gin_file=runs/pretrain.gin --gin.MIXTURE_OR_TASK_NAME="'ul2_mod_gutenberg'" \\
         --gin.TASK_FEATURE_LENGTHS="{'inputs': 512, 'targets': 512}" --gin.TRAIN_STEPS=1 \\
@@ -13,7 +14,9 @@ argument, output, temporary and peak bytes against the chip's HBM with FITS or D
 the headroom; the train state's bytes and any replicated leaf over 1 MiB; the model's FLOPs per
 step and the ideal step time at the chip's peak; XLA's cost model's predicted step time and MFU
 (recomputation and collectives included); the collectives per step by kind; and the chip
-coordinates of a model-parallel group. The slice is --topology or the gin files' TPU_SLICE
+coordinates of a model-parallel group. Gin files with DECODE_CONFIG (runs/infer.gin, the
+inference recipes) compile what scripts/infer.py runs instead: one batch's decoding, with its
+memory, parameters per chip and collectives. The slice is --topology or the gin files' TPU_SLICE
 macro (the pod recipes set it). libtpu is read from UL2_LIBTPU_DIR (default .venv/libtpu,
 where scripts/test.sh installs it) or the environment. Exit status 1 when the step does not
 fit (or has less headroom than --min_headroom); --json writes the same figures.
@@ -80,12 +83,20 @@ def main(argv=None):
   from ul2 import train as train_lib
 
   gin_cli.import_modules(args.module)
-  gin_cli.parse(gin_files, bindings, read_by_script=('TPU_SLICE', 'MIXTURE_OR_TASK_MODULE'))
+  gin_cli.parse(gin_files, bindings, read_by_script=('TPU_SLICE', 'MIXTURE_OR_TASK_MODULE',
+                                                     'DECODE_CONFIG', 'MESH_CONFIG'))
   if not args.topology:
     if not gin_cli.has_macro('TPU_SLICE'):
       raise SystemExit('error: name the TPU slice: --topology=v4-512 (or set the TPU_SLICE '
                        'macro in a gin file)')
     tpu = aot.tpu_slice(gin_cli.macro('TPU_SLICE'))
+  if gin_cli.has_macro('DECODE_CONFIG'):  # an inference recipe (runs/infer.gin)
+    if not gin_cli.has_macro('MODEL_CONFIG'):
+      raise SystemExit('error: the gin files set no MODEL_CONFIG: include a models/*.gin '
+                       'before runs/infer.gin')
+    result = aot.report_decode(gin_cli.macro('MODEL_CONFIG'), gin_cli.macro('DECODE_CONFIG'),
+                               gin_cli.macro('MESH_CONFIG'), tpu)
+    return finish(result, args)
   bound = gin.get_bindings(train_lib.train)
   missing = [k for k in ('model', 'data', 'run', 'mesh') if k not in bound]
   if missing:
@@ -98,7 +109,12 @@ def main(argv=None):
                 feature_lengths=converter.get_model_feature_lengths(data.feature_lengths),
                 run=bound['run'], optimizer=bound.get('optimizer', train_lib.OptimizerConfig()),
                 mesh=bound['mesh'])
-  result = aot.report(run, tpu, cost_model=not args.no_cost_model)
+  return finish(aot.report(run, tpu, cost_model=not args.no_cost_model), args)
+
+
+def finish(result, args) -> int:
+  """Prints the report (and writes its JSON); the exit status."""
+  from ul2 import aot
   print(aot.format_report(result, args.min_headroom))
   if args.json:
     with open(args.json, 'w') as f:

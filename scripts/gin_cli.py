@@ -82,7 +82,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = (),
 
 # What run gin files bind (`train.TrainConfig.log_every = 50`): a user's gin file may use them
 # without importing them (and without `from __gin__ import dynamic_registration`).
-PROJECT_MODULES = ('data', 'network', 'partitioning', 'train')
+PROJECT_MODULES = ('data', 'decoding', 'network', 'partitioning', 'train')
 
 
 def _with_imports(path: str) -> str:
@@ -295,6 +295,42 @@ def add_memory_flag(parser: argparse.ArgumentParser) -> None:
                       help="give each step's freed memory back to the kernel (glibc's "
                       'default) instead of reusing it: on CPU, slower steps (page faults), '
                       'about the same peak memory')
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+  """--multiprocess and the explicit coordinator flags of a multi-host job."""
+  parser.add_argument('--multiprocess', action='store_true',
+                      help='call jax.distributed.initialize() (auto-detected cluster)')
+  parser.add_argument('--coordinator_address', default=os.environ.get('UL2_COORDINATOR_ADDRESS'),
+                      help='HOST:PORT of process 0 (env UL2_COORDINATOR_ADDRESS)')
+  parser.add_argument('--num_processes', type=int,
+                      default=int(os.environ['UL2_NUM_PROCESSES'])
+                      if 'UL2_NUM_PROCESSES' in os.environ else None,
+                      help='processes in the job (env UL2_NUM_PROCESSES)')
+  parser.add_argument('--process_id', type=int,
+                      default=int(os.environ['UL2_PROCESS_ID'])
+                      if 'UL2_PROCESS_ID' in os.environ else None,
+                      help="this process's index (env UL2_PROCESS_ID)")
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+  """jax.distributed.initialize() when the flags ask for it (before any other JAX call)."""
+  import jax
+
+  explicit = args.coordinator_address is not None
+  if not (args.multiprocess or explicit):
+    return
+  if explicit and (args.num_processes is None or args.process_id is None):
+    raise SystemExit('--coordinator_address needs --num_processes and --process_id (or '
+                     'UL2_NUM_PROCESSES and UL2_PROCESS_ID).')
+  # Several CPU processes (tests, laptops) exchange collectives over gloo; accelerators use
+  # their own (NCCL, ICI) whatever this says.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  kwargs = {}
+  if explicit:
+    kwargs = dict(coordinator_address=args.coordinator_address,
+                  num_processes=args.num_processes, process_id=args.process_id)
+  jax.distributed.initialize(**kwargs)
 
 
 def reuse_freed_memory(args: argparse.Namespace) -> bool:

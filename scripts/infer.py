@@ -21,6 +21,7 @@ Over a file, batched (a progress bar on a terminal, a throughput line at the end
 "log_likelihood"}.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -31,13 +32,22 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 import gin_cli  # noqa: E402
 from ul2 import data, vocabulary  # noqa: E402
 
+# Flags that set a field of the decoding.DecodeConfig a gin file (runs/infer.gin) may bind;
+# given on the command line they win. Their defaults are the config's.
+DECODE_FLAGS = {'decode': 'method', 'batch_size': 'batch_size',
+                'max_input_length': 'max_input_length', 'max_length': 'max_decode_length',
+                'beam_size': 'beam_size', 'alpha': 'alpha', 'temperature': 'temperature',
+                'top_k': 'top_k', 'top_p': 'top_p', 'seed': 'seed'}
 
-def main(argv=None, out=sys.stdout):
-  parser = gin_cli.argument_parser(__doc__)
+
+def parse_args(argv):
+  gin_files, bindings, rest = gin_cli.split_argv(argv)
+  parser = gin_cli.argument_parser(__doc__, gin_flags=True)
   parser.add_argument('--checkpoint', required=True,
                       help='a model_dir, its best/, checkpoints/<step>, an HF or a T5X directory')
-  parser.add_argument('--gin_file', action='append', default=[],
-                      help='models/<size>.gin when the checkpoint has no config')
+  parser.add_argument('--gin_file', action='append', metavar='F',
+                      help='models/<size>.gin when the checkpoint has no config; an inference '
+                      'recipe (runs/infer.gin, experiments/*_infer_*.gin: decoding and mesh)')
   parser.add_argument('--ignore_extra_params', action='store_true',
                       help='drop checkpoint entries the model config does not have')
   source = parser.add_mutually_exclusive_group(required=True)
@@ -51,31 +61,55 @@ def main(argv=None, out=sys.stdout):
   parser.add_argument('--score_file', action='store_true',
                       help="with --input_file: score each record's target instead of "
                       'generating')
-  parser.add_argument('--batch_size', type=int, default=16, help='inputs per batch (files)')
-  parser.add_argument('--max_input_length', type=int, default=512,
-                      help='input tokens kept (files; longer inputs lose their end)')
+  parser.add_argument('--batch_size', type=int, help='inputs per batch (files; default 16)')
+  parser.add_argument('--max_input_length', type=int,
+                      help='input tokens kept (files; longer inputs lose their end; 512)')
   parser.add_argument('--mode', default=None, help='mode token to prepend: one of '
                       f"{', '.join(vocabulary.MODE_TOKENS)} or '' (none); default: the one a "
                       "fine-tuned model's best/ was selected with (best.json), else none")
-  parser.add_argument('--decode', choices=('greedy', 'beam', 'sample'), default='greedy',
-                      help='how to generate')
-  parser.add_argument('--max_length', type=int, default=64, help='generated tokens at most')
-  parser.add_argument('--beam_size', type=int, default=4, help='beams (--decode beam)')
-  parser.add_argument('--alpha', type=float, default=0.6, help='beam length penalty')
-  parser.add_argument('--temperature', type=float, default=1.0, help='sampling temperature')
-  parser.add_argument('--top_k', type=int, default=0, help='sample from the k likeliest (0: all)')
-  parser.add_argument('--top_p', type=float, default=1.0, help='nucleus sampling mass')
-  parser.add_argument('--seed', type=int, default=0, help='sampling seed')
+  parser.add_argument('--decode', choices=('greedy', 'beam', 'sample'),
+                      help='how to generate (default greedy)')
+  parser.add_argument('--max_length', type=int, help='generated tokens at most (64)')
+  parser.add_argument('--beam_size', type=int, help='beams (--decode beam; 4)')
+  parser.add_argument('--alpha', type=float, help='beam length penalty (0.6)')
+  parser.add_argument('--temperature', type=float, help='sampling temperature (1.0)')
+  parser.add_argument('--top_k', type=int, help='sample from the k likeliest (0: all)')
+  parser.add_argument('--top_p', type=float, help='nucleus sampling mass (1.0)')
+  parser.add_argument('--seed', type=int, help='sampling seed (0)')
   gin_cli.add_module_flag(parser)
   gin_cli.add_memory_flag(parser)
+  gin_cli.add_distributed_flags(parser)
   parser.add_argument('--score', default=None, help='print log p(SCORE | input) instead')
-  args = parser.parse_args(argv)
+  args = parser.parse_args(rest)
+  if args.input_file and not args.output_file:
+    parser.error('--input_file needs --output_file')
+  if args.score_file and not args.input_file:
+    parser.error('--score_file needs --input_file (one input: --score TARGET)')
+  return gin_files, bindings, args, parser
+
+
+def configs(gin_files, bindings, args):
+  """(model config or None, DecodeConfig, MeshConfig): runs/infer.gin's, then the gin files'
+  (their MODEL_CONFIG, DECODE_CONFIG, MESH_CONFIG), then the flags given."""
+  gin_cli.parse(['runs/infer.gin', *gin_files], bindings,
+                read_by_script=('MODEL_CONFIG', 'TPU_SLICE'))
+  model = gin_cli.macro('MODEL_CONFIG') if gin_cli.has_macro('MODEL_CONFIG') else None
+  given = {field: getattr(args, flag) for flag, field in DECODE_FLAGS.items()
+           if getattr(args, flag) is not None}
+  if args.input_file is None:  # one input: a batch of one
+    given['batch_size'] = 1
+  return (model, dataclasses.replace(gin_cli.macro('DECODE_CONFIG'), **given),
+          gin_cli.macro('MESH_CONFIG'))
+
+
+def main(argv=None, out=sys.stdout):
+  gin_files, bindings, args, parser = parse_args(sys.argv[1:] if argv is None else argv)
+  gin_cli.initialize_distributed(args)
   gin_cli.reuse_freed_memory(args)
   data.hide_accelerators_from_tensorflow()  # the model runs on the accelerators
   gin_cli.import_modules(args.module)  # e.g. one that registers a vocabulary's tasks
 
   import jax
-  import jax.numpy as jnp
   import numpy as np
   from ul2 import checkpoints, decoding, evaluation, network
 
@@ -84,31 +118,22 @@ def main(argv=None, out=sys.stdout):
     mode = checkpoints.best_selection(args.checkpoint).get('mode', '')
   try:
     mode = vocabulary.check_mode(mode, '--mode')
+    model_cfg, config, mesh = configs(gin_files, bindings, args)
+  except ValueError as e:  # gin adds a line naming the configurable the message names
+    parser.error(str(e).splitlines()[0])
+  records = read_inputs(args) if args.input_file else None  # bad input fails before loading
+  model, params = checkpoints.load_model(args.checkpoint, model_cfg, args.ignore_extra_params)
+  try:
+    decoder = decoding.compile_decode(model.config, config, mesh)
   except ValueError as e:
     parser.error(str(e))
-  if args.input_file and not args.output_file:
-    parser.error('--input_file needs --output_file')
-  if args.score_file and not args.input_file:
-    parser.error('--score_file needs --input_file (one input: --score TARGET)')
-  records = read_inputs(args) if args.input_file else None  # bad input fails before loading
-  model, params = checkpoints.load_model(args.checkpoint, gin_cli.model_config(args.gin_file),
-                                         args.ignore_extra_params)
+  params = decoder.place_params(params)
   vocab = vocabulary.get_vocabulary()
+  write = jax.process_index() == 0  # every process decodes; the first one writes
 
   def encode(text, length=None):
     ids = vocab.encode(text)[:length - 1 if length else None]
     return ids + [network.EOS_ID]
-
-  def generate(inputs):  # [batch, length] -> [batch, max_length] token ids
-    if args.decode == 'greedy':
-      return decoding.greedy(model, params, inputs, max_decode_length=args.max_length)
-    if args.decode == 'beam':
-      sequences, _ = decoding.beam_search(model, params, inputs, beam_size=args.beam_size,
-                                          max_decode_length=args.max_length, alpha=args.alpha)
-      return sequences[:, 0]
-    return decoding.sample(model, params, inputs, jax.random.key(args.seed),
-                           max_decode_length=args.max_length, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p)
 
   def text_of(ids):
     ids = [int(i) for i in np.asarray(ids)]
@@ -116,48 +141,53 @@ def main(argv=None, out=sys.stdout):
     return vocabulary.render([i for i in ids if i], vocab)
 
   if records is None:  # one input
-    inputs = jnp.asarray([encode(vocabulary.with_mode(args.input, mode))], jnp.int32)
+    inputs = decoder.place_batch([encode(vocabulary.with_mode(args.input, mode),
+                                         config.max_input_length)])
     if args.score is not None:
-      targets = jnp.asarray([encode(args.score)], jnp.int32)
-      value = float(decoding.score(model, params, inputs, targets)[0])
-      print(f'{value:.4f}', file=out)
+      targets = decoder.place_batch([encode(args.score)])
+      value = float(decoder.score(params, inputs, targets)[0])
+      if write:
+        print(f'{value:.4f}', file=out)
       return value
-    text = text_of(generate(inputs)[0])
-    print(text, file=out)
+    text = text_of(decoder.generate(params, inputs)[0])
+    if write:
+      print(text, file=out)
     return text
 
   # A file: fixed-shape batches (the last one padded with copies), so one compilation.
   from tqdm import tqdm
-  inputs = [encode(vocabulary.with_mode(r['input'], mode), args.max_input_length)
+  batch_size = config.batch_size
+  inputs = [encode(vocabulary.with_mode(r['input'], mode), config.max_input_length)
             for r in records]
   targets = [encode(r['target']) for r in records] if args.score_file else None
   width = max(len(i) for i in inputs)
   target_width = max(len(t) for t in targets) if targets else 0
   start, produced, rows = time.perf_counter(), 0, []
-  bar = tqdm(total=len(records), unit='input', disable=not sys.stderr.isatty())
-  for first in range(0, len(records), args.batch_size):
-    chunk = list(range(first, min(first + args.batch_size, len(records))))
-    padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk))
-    batch = jnp.asarray(evaluation.pad_rows([inputs[i] for i in padded], width))
+  bar = tqdm(total=len(records), unit='input', disable=not (write and sys.stderr.isatty()))
+  for first in range(0, len(records), batch_size):
+    chunk = list(range(first, min(first + batch_size, len(records))))
+    batch = decoder.place_batch(evaluation.pad_rows([inputs[i] for i in chunk], width))
     if targets:
-      values = np.asarray(decoding.score(model, params, batch, jnp.asarray(
-          evaluation.pad_rows([targets[i] for i in padded], target_width))))
+      values = np.asarray(decoder.score(params, batch, decoder.place_batch(
+          evaluation.pad_rows([targets[i] for i in chunk], target_width))))
       rows += [{'input': records[i]['input'], 'target': records[i]['target'],
                 'log_likelihood': float(values[j])} for j, i in enumerate(chunk)]
       produced += sum(len(targets[i]) for i in chunk)
     else:
-      generated = np.asarray(generate(batch))
+      generated = np.asarray(decoder.generate(params, batch))
       for j, i in enumerate(chunk):
         rows.append({'input': records[i]['input'], 'output': text_of(generated[j])})
         produced += int((generated[j] > 0).sum())
     bar.update(len(chunk))
   bar.close()
   seconds = time.perf_counter() - start
-  with open(args.output_file, 'w', encoding='utf-8') as f:
-    f.write(''.join(json.dumps(row, ensure_ascii=False) + '\n' for row in rows))
-  what = 'target tokens scored' if targets else f'tokens generated ({args.decode})'
-  print(f'{len(rows)} inputs -> {args.output_file}: {produced:,} {what} in {seconds:.1f} s '
-        f'({produced / seconds:,.0f} tokens/s, batch {args.batch_size})', file=out)
+  if write:
+    with open(args.output_file, 'w', encoding='utf-8') as f:
+      f.write(''.join(json.dumps(row, ensure_ascii=False) + '\n' for row in rows))
+    what = 'target tokens scored' if targets else f'tokens generated ({config.method})'
+    print(f'{len(rows)} inputs -> {args.output_file}: {produced:,} {what} in {seconds:.1f} s '
+          f'({produced / seconds:,.0f} tokens/s, batch {batch_size}, mesh '
+          f'{dict(decoder.mesh.shape)})', file=out)
   return rows
 
 

@@ -12,11 +12,15 @@
 # TFDS_DATA_DIR (C4 prepared once with `tfds build c4/en:3.1.0`; docs/pods.md) is passed on to
 # every worker; the C4 tasks refuse to start without it. Logs: /tmp/ul2_train.log on each worker.
 # Check first that the run fits the slice: python scripts/compile_tpu.py --gin_file=... .
+# UL2_SCRIPT=infer.py runs scripts/infer.py --multiprocess instead (every host decodes, the
+# first writes --output_file on its own disk).
 set -euo pipefail
 if [ $# -lt 3 ] || [[ "$*" != *" -- "* ]]; then
-  sed -n '2,15p' "$0"; exit 2
+  sed -n '2,16p' "$0"; exit 2
 fi
 TPU_NAME="$1"; ZONE="$2"; shift 2
+SCRIPT="${UL2_SCRIPT:-train.py}"
+case "$SCRIPT" in train.py|infer.py) ;; *) echo "error: UL2_SCRIPT=$SCRIPT: train.py or infer.py" >&2; exit 2;; esac
 GCLOUD_ARGS=()
 while [ "$1" != "--" ]; do GCLOUD_ARGS+=("$1"); shift; done
 shift  # the --
@@ -35,6 +39,6 @@ gcloud compute tpus tpu-vm scp "$ARCHIVE" "$TPU_NAME":/tmp/ul2_repo.tar.gz \
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all "${GCLOUD_ARGS[@]}" \
   --command="set -e; ${WORKER_ENV} mkdir -p ~/ul2 && tar -xzf /tmp/ul2_repo.tar.gz -C ~/ul2 && cd ~/ul2 \
     && INSTALL_EXTRA=tpu source scripts/env.sh \
-    && nohup python scripts/train.py --multiprocess ${TRAIN_ARGS} > /tmp/ul2_train.log 2>&1 &"
+    && nohup python scripts/${SCRIPT} --multiprocess ${TRAIN_ARGS} > /tmp/ul2_train.log 2>&1 &"
 echo "Started on all workers of $TPU_NAME; follow with:"
 echo "  gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=0 --command='tail -f /tmp/ul2_train.log'"

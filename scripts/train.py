@@ -30,46 +30,16 @@ def parse_args(argv):
                       'models/*.gin with a runs/*.gin, or your own')
   gin_cli.add_module_flag(parser)
   gin_cli.add_memory_flag(parser)
-  parser.add_argument('--multiprocess', action='store_true',
-                      help='call jax.distributed.initialize() (auto-detected cluster)')
-  parser.add_argument('--coordinator_address', default=os.environ.get('UL2_COORDINATOR_ADDRESS'),
-                      help='HOST:PORT of process 0 (env UL2_COORDINATOR_ADDRESS)')
-  parser.add_argument('--num_processes', type=int,
-                      default=int(os.environ['UL2_NUM_PROCESSES'])
-                      if 'UL2_NUM_PROCESSES' in os.environ else None,
-                      help='processes in the job (env UL2_NUM_PROCESSES)')
-  parser.add_argument('--process_id', type=int,
-                      default=int(os.environ['UL2_PROCESS_ID'])
-                      if 'UL2_PROCESS_ID' in os.environ else None,
-                      help="this process's index (env UL2_PROCESS_ID)")
+  gin_cli.add_distributed_flags(parser)
   args = parser.parse_args(rest)
   if not gin_files:
     parser.error('give at least one --gin_file (e.g. --gin_file=quickstart.gin)')
   return gin_files, bindings, args
 
 
-def initialize_distributed(args) -> None:
-  import jax
-
-  explicit = args.coordinator_address is not None
-  if not (args.multiprocess or explicit):
-    return
-  if explicit and (args.num_processes is None or args.process_id is None):
-    raise SystemExit('--coordinator_address needs --num_processes and --process_id (or '
-                     'UL2_NUM_PROCESSES and UL2_PROCESS_ID).')
-  # Several CPU processes (tests, laptops) exchange collectives over gloo; accelerators use
-  # their own (NCCL, ICI) whatever this says.
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  kwargs = {}
-  if explicit:
-    kwargs = dict(coordinator_address=args.coordinator_address,
-                  num_processes=args.num_processes, process_id=args.process_id)
-  jax.distributed.initialize(**kwargs)
-
-
 def main(argv=None):
   gin_files, bindings, args = parse_args(sys.argv[1:] if argv is None else argv)
-  initialize_distributed(args)
+  gin_cli.initialize_distributed(args)
   gin_cli.reuse_freed_memory(args)  # after jax.distributed, before the first step
   from ul2 import data
   data.hide_accelerators_from_tensorflow()  # the model runs on the accelerators

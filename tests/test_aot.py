@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import pytest
 
-from ul2 import aot, flops, network, partitioning
+from ul2 import aot, decoding, flops, network, partitioning
 from ul2 import train as T
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -235,6 +235,30 @@ def test_a_run_that_cannot_fit_is_reported_and_exits_nonzero(tmp_path):
   assert r['fits'] is False and r['memory']['required_temporaries_bytes'] > 30 * 2**30
 
 
+def test_a_files_decoding_compiles_for_a_slice_with_its_memory():
+  """What scripts/infer.py runs, compiled for v4-8: rows rounded up to the data shards,
+  parameters sharded over model (bfloat16: half of float32's bytes), XLA's memory verdict."""
+  tpu = aot.tpu_slice('v4-8')
+  config = decoding.DecodeConfig(method='beam', beam_size=2, batch_size=3, max_input_length=32,
+                                 max_decode_length=8)
+  mesh = partitioning.MeshConfig(model=2)
+  r = aot.report_decode(SMALL, config, mesh, tpu, log=lambda _: None)
+  params = network.count_parameters(network.param_shapes(SMALL))
+  assert (r['program'], r['rows'], r['mesh_shape'], r['fits']) == (
+      'decode', 4, {'data': 2, 'model': 2}, True)
+  assert r['state']['params_per_chip'] == pytest.approx(4 * params / 2, rel=0.01)
+  memory = r['memory']
+  assert memory['argument_bytes'] >= r['state']['params_per_chip']
+  assert memory['alias_bytes'] == 0 and memory['temporary_bytes'] > 0
+  assert r['collectives']['all-reduce']['per_step'] > r['collectives']['all-reduce']['in_program']
+  text = aot.format_report(r)
+  assert 'beam search (2 beams) decoding of 4 rows of 32 input tokens into 8' in text
+  assert 'FITS, headroom' in text and 'parameters per chip' in text
+  half = aot.report_decode(SMALL, dataclasses.replace(config, params_dtype='bfloat16'), mesh,
+                           tpu, log=lambda _: None)
+  assert half['state']['params_per_chip'] == pytest.approx(r['state']['params_per_chip'] / 2)
+
+
 def test_without_libtpu_the_command_says_how_to_get_it():
   code = ('import runpy, sys\n'
           'sys.modules["libtpu"] = None  # as if it were not installed\n'
@@ -260,10 +284,10 @@ def test_a_misspelt_slice_is_one_line_before_the_heavy_imports():
 # The pod recipes and their table
 # ---------------------------------------------------------------------------------------------
 
-def pod_table():
-  """docs/pods.md's table of the shipped recipes: {gin file: row}."""
+def pod_table(head='| recipe |'):
+  """A table of docs/pods.md (the shipped recipes', or the inference recipes'): {gin: row}."""
   text = open(os.path.join(REPO, 'docs', 'pods.md')).read()
-  start = text.index('| recipe |')
+  start = text.index(head)
   rows = {}
   lines = text[start:].splitlines()
   header = [c.strip() for c in lines[0].strip('|').split('|')]
@@ -271,17 +295,39 @@ def pod_table():
     if not line.startswith('|'):
       break
     cells = dict(zip(header, (c.strip() for c in line.strip('|').split('|'))))
-    rows[cells['recipe'].strip('`')] = cells
+    rows[cells[header[0]].strip('`')] = cells
   return rows
 
 
-POD_RECIPES = sorted(os.path.relpath(p, os.path.join(REPO, 'gin_configs'))
+TPU_RECIPES = sorted(os.path.relpath(p, os.path.join(REPO, 'gin_configs'))
                      for p in glob.glob(os.path.join(REPO, 'gin_configs', 'experiments',
                                                      '*tpu*.gin')))
+POD_RECIPES = [r for r in TPU_RECIPES if '_infer_' not in r]
+INFER_RECIPES = [r for r in TPU_RECIPES if '_infer_' in r]
 
 
 def test_every_pod_recipe_is_in_the_table():
   assert POD_RECIPES and sorted(pod_table()) == POD_RECIPES
+  assert INFER_RECIPES and sorted(pod_table('| inference recipe |')) == INFER_RECIPES
+
+
+@pytest.mark.parametrize('recipe', INFER_RECIPES)
+def test_each_inference_recipe_matches_its_table_row(recipe):
+  import gin_cli
+
+  row = pod_table('| inference recipe |')[recipe]
+  gin_cli.parse([recipe])
+  config, mesh = gin_cli.macro('DECODE_CONFIG'), gin_cli.macro('MESH_CONFIG')
+  assert gin_cli.macro('MODEL_CONFIG').num_heads % mesh.model == 0
+  assert gin_cli.macro('TPU_SLICE') == row['slice']
+  assert row['setting'] == (
+      f"model {mesh.model}, {config.method} {config.beam_size if config.method == 'beam' else ''}"
+      .rstrip() + f", batch {config.batch_size}, {config.max_input_length} -> "
+      f"{config.max_decode_length} tokens, {config.params_dtype} parameters")
+  hbm = aot.tpu_slice(row['slice']).hbm_bytes / 2**30
+  assert float(row['headroom']) == pytest.approx(100 * (1 - float(row['peak (GiB)']) / hbm),
+                                                 abs=0.1)
+  assert float(row['headroom']) >= 10.0
 
 
 @pytest.mark.parametrize('recipe', POD_RECIPES)

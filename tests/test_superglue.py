@@ -601,6 +601,44 @@ def test_eval_cli_runs_the_prompted_protocol_zero_and_few_shot(tmp_path, one_ste
     assert all(r['prediction'] in ('choice1', 'choice2') for r in rows)
 
 
+def test_infer_sharded_over_a_mesh_equals_one_device(tmp_path, one_step_model):
+  """The same file decoded and scored over 8 devices with model parallelism (2-D
+  activations and parameters, runs/infer.gin's macros) and on the default mesh (8-way data,
+  3 inputs padded to 8 rows) gives the same text and scores; bfloat16 parameters run too;
+  a bad decoding setting is one line naming it."""
+  checkpoint = str(one_step_model)
+  texts = ['It was a dark and', 'Hello there', 'The cat sat on the']
+  (tmp_path / 'in.txt').write_text('\n'.join(texts) + '\n')
+  pairs = [{'input': t, 'target': 'stormy night.'} for t in texts]
+  (tmp_path / 'pairs.jsonl').write_text(''.join(json.dumps(p) + '\n' for p in pairs))
+  sharded = ['--gin_file=runs/infer.gin', '--gin.MODEL_PARALLEL=2',
+             '--gin.ACTIVATION_PARTITIONING_DIMS=2', '--gin.PARAMETER_PARTITIONING_DIMS=2']
+
+  def run(*flags, score=False):
+    out = io.StringIO()
+    source = (['--input_file', str(tmp_path / 'pairs.jsonl'), '--score_file'] if score
+              else ['--input_file', str(tmp_path / 'in.txt')])
+    rows = infer_script.main(['--checkpoint', checkpoint, *source, '--output_file',
+                              str(tmp_path / 'out.jsonl'), '--batch_size', '3',
+                              '--max_length', '6', *flags], out=out)
+    return rows, out.getvalue()
+
+  plain, said = run()
+  assert "mesh {'data': 8, 'model': 1}" in said
+  on_mesh, said = run(*sharded)
+  assert "mesh {'data': 4, 'model': 2}" in said
+  assert on_mesh == plain
+  scores, scores_on_mesh = run(score=True)[0], run(*sharded, score=True)[0]
+  for a, b in zip(scores, scores_on_mesh):
+    assert b['log_likelihood'] == pytest.approx(a['log_likelihood'], abs=1e-4)
+  half, _ = run(*sharded, "--gin.decoding.DecodeConfig.params_dtype='bfloat16'", score=True)
+  for a, b in zip(scores, half):
+    assert b['log_likelihood'] == pytest.approx(a['log_likelihood'], rel=0.02)
+  for flags in ([], ['--gin_file=runs/infer.gin']):
+    with pytest.raises(SystemExit):
+      run(*flags, "--gin.decoding.DecodeConfig.method='beem'")
+
+
 def test_the_readme_lists_every_prompt():
   readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              'README.md')).read()

@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from ul2 import decoding
 from ul2 import flops as flops_lib
 from ul2 import network, partitioning
 from ul2 import train as train_lib
@@ -365,6 +366,68 @@ def _resource_exhausted(error: Exception) -> dict[str, Any] | None:
           'available_bytes': sizes[1] if len(sizes) > 1 else None}
 
 
+def _memory(compiled, tpu: TpuSlice) -> dict[str, Any]:
+  """A compiled program's per-chip memory against the chip's HBM, and its collectives."""
+  stats = compiled.memory_analysis()
+  peak_bytes = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+                - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+  return {'memory': {
+      'argument_bytes': stats.argument_size_in_bytes,
+      'output_bytes': stats.output_size_in_bytes,
+      'alias_bytes': stats.alias_size_in_bytes,
+      'temporary_bytes': stats.temp_size_in_bytes,
+      'generated_code_bytes': stats.generated_code_size_in_bytes,
+      'peak_bytes': peak_bytes,
+      'headroom_bytes': tpu.hbm_bytes - peak_bytes,
+      'headroom_fraction': 1 - peak_bytes / tpu.hbm_bytes,
+  }, 'fits': peak_bytes <= tpu.hbm_bytes, 'collectives': collectives(compiled.as_text())}
+
+
+def _does_not_fit(error: Exception) -> dict[str, Any]:
+  """XLA's RESOURCE_EXHAUSTED verdict as the report's fields (other errors are raised)."""
+  exhausted = _resource_exhausted(error)
+  if exhausted is None:
+    raise error
+  return {'fits': False, 'memory': {'error': exhausted['message'],
+                                    'required_temporaries_bytes': exhausted['required_bytes'],
+                                    'available_bytes': exhausted['available_bytes']}}
+
+
+def report_decode(model: network.Config, config: decoding.DecodeConfig,
+                  mesh: partitioning.MeshConfig, tpu: TpuSlice,
+                  devices: Sequence[jax.Device] | None = None, log=print) -> dict[str, Any]:
+  """Compiles a file's decoding (`decoding.compile_decode`: one batch of
+  `config.batch_size` rows of `config.max_input_length` tokens, `config.method`) for `tpu`
+  and measures it as `report` does a train step (no cost model: a decoding loop's length
+  depends on when its rows end)."""
+  devices = tpu.devices() if devices is None else devices
+  log(f'Compiling {config.method} decoding for {tpu.name} ({devices[0].device_kind}, '
+      f'{tpu.chips} chips, {tpu.topology})...')
+  start = time.perf_counter()
+  decoder = decoding.compile_decode(model, config, mesh, devices)
+  params = decoder.abstract_params()
+  out: dict[str, Any] = {
+      'program': 'decode', 'slice': tpu.name, 'topology': tpu.topology,
+      'device_kind': devices[0].device_kind, 'chips': tpu.chips,
+      'hbm_bytes_per_chip': tpu.hbm_bytes, 'decode': dataclasses.asdict(config),
+      'rows': decoder.rows, 'dtype': model.dtype, 'scan_layers': model.scan_layers,
+      'mesh': {'model': mesh.model, 'parameter_partitioning_dims': mesh.parameter_partitioning_dims,
+               'activation_partitioning_dims': mesh.activation_partitioning_dims},
+      'mesh_shape': dict(decoder.mesh.shape), 'model_group_coords': _model_group(decoder.mesh),
+      'parameters': network.count_parameters(network.param_shapes(model)),
+      'state': state_bytes({'params': params}),
+  }
+  try:
+    compiled = decoder.generate.lower(params, decoder.abstract_batch(
+        config.max_input_length)).compile()
+  except Exception as e:  # XLA's verdict: RESOURCE_EXHAUSTED
+    out.update(_does_not_fit(e))
+  else:
+    out.update(_memory(compiled, tpu))
+  out['compile_seconds'] = time.perf_counter() - start
+  return out
+
+
 def report(run: Run, tpu: TpuSlice, devices: Sequence[jax.Device] | None = None,
            cost_model: bool = True, log=print) -> dict[str, Any]:
   """Compiles `run`'s train step for `tpu` and measures it (the compile command's JSON)."""
@@ -380,7 +443,8 @@ def report(run: Run, tpu: TpuSlice, devices: Sequence[jax.Device] | None = None,
                                      lengths['decoder_target_tokens'])
   model_flops = flops_lib.flops_per_step(model, run.batch_size, inputs_length, targets_length)
   out: dict[str, Any] = {
-      'slice': tpu.name, 'topology': tpu.topology, 'device_kind': kind, 'chips': tpu.chips,
+      'program': 'train', 'slice': tpu.name, 'topology': tpu.topology, 'device_kind': kind,
+      'chips': tpu.chips,
       'hbm_bytes_per_chip': tpu.hbm_bytes, 'peak_flops_per_chip': peak,
       'batch_size': run.batch_size, 'feature_lengths': dict(lengths),
       'microbatches': run.run.microbatches, 'dtype': model.dtype,
@@ -403,30 +467,10 @@ def report(run: Run, tpu: TpuSlice, devices: Sequence[jax.Device] | None = None,
   try:
     compiled = _compile(run, compiled_run)
   except Exception as e:  # XLA's verdict: RESOURCE_EXHAUSTED
-    exhausted = _resource_exhausted(e)
-    if exhausted is None:
-      raise
-    out.update(fits=False, compile_seconds=time.perf_counter() - start,
-               memory={'error': exhausted['message'],
-                       'required_temporaries_bytes': exhausted['required_bytes'],
-                       'available_bytes': exhausted['available_bytes']})
+    out.update(_does_not_fit(e), compile_seconds=time.perf_counter() - start)
     return out
   out['compile_seconds'] = time.perf_counter() - start
-  stats = compiled.memory_analysis()
-  peak_bytes = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-                - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
-  out['memory'] = {
-      'argument_bytes': stats.argument_size_in_bytes,
-      'output_bytes': stats.output_size_in_bytes,
-      'alias_bytes': stats.alias_size_in_bytes,
-      'temporary_bytes': stats.temp_size_in_bytes,
-      'generated_code_bytes': stats.generated_code_size_in_bytes,
-      'peak_bytes': peak_bytes,
-      'headroom_bytes': tpu.hbm_bytes - peak_bytes,
-      'headroom_fraction': 1 - peak_bytes / tpu.hbm_bytes,
-  }
-  out['fits'] = peak_bytes <= tpu.hbm_bytes
-  out['collectives'] = collectives(compiled.as_text())
+  out.update(_memory(compiled, tpu))
   if cost_model:
     log('Compiling 1- and 2-layer unscanned copies for XLA\'s cost model...')
     costs = layer_costs(run, devices)
@@ -446,16 +490,27 @@ def report(run: Run, tpu: TpuSlice, devices: Sequence[jax.Device] | None = None,
 def format_report(r: Mapping[str, Any], min_headroom: float = 0.0) -> str:
   """The compile command's printout of a `report`."""
   g = lambda b: f'{b / GiB:.2f} GiB'
-  lengths = r['feature_lengths']
-  rows = (f"{lengths['encoder_input_tokens']} / {lengths['decoder_target_tokens']} tokens"
-          if 'encoder_input_tokens' in lengths else f"{lengths['decoder_target_tokens']} tokens")
-  lines = [f"{r['slice']} ({r['device_kind']}, {r['chips']} chips, {r['topology']}), mesh "
-           f"{r['mesh_shape']}; batch {r['batch_size']} rows of {rows}, "
-           f"{r['microbatches']} microbatch(es), {r['dtype']}, remat {r['remat_policy']!r}, "
-           f"activation/parameter partitioning {r['mesh']['activation_partitioning_dims']}-D/"
-           f"{r['mesh']['parameter_partitioning_dims']}-D",
-           "model-parallel group 0, chip coordinates: "
-           + ' '.join('(' + ','.join(map(str, c)) + ')' for c in r['model_group_coords'])]
+  partitioning_dims = (f"activation/parameter partitioning "
+                       f"{r['mesh']['activation_partitioning_dims']}-D/"
+                       f"{r['mesh']['parameter_partitioning_dims']}-D")
+  where = (f"{r['slice']} ({r['device_kind']}, {r['chips']} chips, {r['topology']}), mesh "
+           f"{r['mesh_shape']}")
+  decode = r['program'] == 'decode'
+  if decode:
+    d = r['decode']
+    method = (f"beam search ({d['beam_size']} beams)" if d['method'] == 'beam'
+              else d['method'])
+    lines = [f"{where}; {method} decoding of {r['rows']} rows of {d['max_input_length']} "
+             f"input tokens into {d['max_decode_length']}, {r['dtype']} activations, "
+             f"{d['params_dtype']} parameters, {partitioning_dims}"]
+  else:
+    lengths = r['feature_lengths']
+    rows = (f"{lengths['encoder_input_tokens']} / {lengths['decoder_target_tokens']} tokens"
+            if 'encoder_input_tokens' in lengths else f"{lengths['decoder_target_tokens']} tokens")
+    lines = [f"{where}; batch {r['batch_size']} rows of {rows}, {r['microbatches']} "
+             f"microbatch(es), {r['dtype']}, remat {r['remat_policy']!r}, {partitioning_dims}"]
+  lines.append("model-parallel group 0, chip coordinates: "
+               + ' '.join('(' + ','.join(map(str, c)) + ')' for c in r['model_group_coords']))
   memory = r['memory']
   hbm = r['hbm_bytes_per_chip']
   if not r['fits'] and 'error' in memory:
@@ -468,7 +523,8 @@ def format_report(r: Mapping[str, Any], min_headroom: float = 0.0) -> str:
         'memory per chip:',
         f"  arguments    {g(memory['argument_bytes']):>12}",
         f"  outputs      {g(memory['output_bytes']):>12}",
-        f"  aliased      {g(-memory['alias_bytes']):>12}  (the donated state)",
+        f"  aliased      {g(-memory['alias_bytes']):>12}"
+        + ('' if decode else '  (the donated state)'),
         f"  temporaries  {g(memory['temporary_bytes']):>12}",
         f"  peak         {g(memory['peak_bytes']):>12}  of {g(hbm)} HBM: {verdict}, headroom "
         f"{g(memory['headroom_bytes'])} ({memory['headroom_fraction']:.1%})"]
@@ -478,6 +534,16 @@ def format_report(r: Mapping[str, Any], min_headroom: float = 0.0) -> str:
   if len(leaves) > 6:  # a data-parallel run replicates every parameter; the JSON has them all
     replicated += (f" and {len(leaves) - 6} more ({sum(x['bytes'] for x in leaves) / GiB:.2f} "
                    'GiB in all)')
+  if decode:
+    lines.append(f"parameters per chip: {g(state['params_per_chip'])}; replicated leaves over "
+                 f"1 MiB: {replicated or 'none'}")
+    if 'collectives' in r:
+      parts = [f"{kind} {c['per_step']} ({c['in_program']} in the program, "
+               f"{g(c['bytes_per_step'])})" for kind, c in r['collectives'].items()
+               if c['in_program']]
+      lines.append('collectives per batch per chip (all decoding steps run): '
+                   + ('; '.join(parts) or 'none'))
+    return '\n'.join(lines)
   lines.append(f"train state per chip: {g(state['per_chip'])} (parameters "
                f"{g(state['params_per_chip'])}, optimizer {g(state['opt_state_per_chip'])}); "
                f"replicated leaves over 1 MiB: {replicated or 'none'}")

@@ -18,19 +18,21 @@ inputs feature's tokens in both.
 
 Rank classification scores every candidate answer by its log-likelihood under teacher forcing
 (`score`) and picks the most likely: the usual zero-/few-shot evaluation of classification.
-All functions are pure and jit-compatible; run them under a mesh (`jax.set_mesh`) with
-sharded parameters and batches to decode in parallel.
+All functions are pure and jit-compatible. `compile_decode` jits one of them for a file's
+fixed batch shape over a device mesh (parameters sharded by the logical-axis rules, rows over
+`data`): what `scripts/infer.py` runs and `scripts/compile_tpu.py` compiles for a TPU slice.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from ul2 import network
+from ul2 import network, partitioning
 
 EOS_ID = network.EOS_ID
 PAD_ID = network.PAD_ID
@@ -355,3 +357,145 @@ def rank_classification(model: network.Model, params: Any,
                            candidates.reshape(batch * count, length), count)
   scores = scores.reshape(batch, count)
   return scores, jnp.argmax(scores, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# A file's decoding, compiled once over a mesh
+# ----------------------------------------------------------------------------------------------
+
+METHODS = ('greedy', 'beam', 'sample')
+_PARAMS_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """How a file is decoded: the method and the one batch shape compiled for it.
+
+  `params_dtype='bfloat16'` casts the parameters once they are read, as T5X's inference
+  (`runs/infer.gin`: `RestoreCheckpointConfig.dtype = 'bfloat16'`) does: half the memory.
+  """
+
+  method: str = 'greedy'  # one of METHODS
+  batch_size: int = 16  # inputs per batch (the last batch is padded with copies)
+  max_input_length: int = 512  # input tokens kept; longer inputs lose their end
+  max_decode_length: int = 64  # generated tokens at most
+  beam_size: int = 4  # method 'beam'
+  alpha: float = 0.6  # beam length penalty
+  temperature: float = 1.0  # method 'sample'
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  params_dtype: str = 'float32'
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f'DecodeConfig.method must be one of {", ".join(METHODS)}, got '
+                       f'{self.method!r}.')
+    if self.params_dtype not in _PARAMS_DTYPES:
+      raise ValueError(f'DecodeConfig.params_dtype must be one of '
+                       f'{", ".join(_PARAMS_DTYPES)}, got {self.params_dtype!r}.')
+    for name in ('batch_size', 'max_input_length', 'max_decode_length', 'beam_size'):
+      if getattr(self, name) < 1:
+        raise ValueError(f'DecodeConfig.{name} must be >= 1, got {getattr(self, name)}.')
+    if self.method == 'sample' and self.temperature <= 0:
+      raise ValueError(f'DecodeConfig.temperature must be > 0 for sampling (greedy is 0), '
+                       f'got {self.temperature}.')
+
+
+def generate(model: network.Model, params: Any, encoder_input_tokens: jax.Array,
+             config: DecodeConfig) -> jax.Array:
+  """[batch, inputs] -> [batch, max_decode_length] token ids by `config.method` (beam: the
+  best hypothesis). Sampling draws with `config.seed`'s key."""
+  length = config.max_decode_length
+  if config.method == 'greedy':
+    return greedy(model, params, encoder_input_tokens, max_decode_length=length)
+  if config.method == 'beam':
+    sequences, _ = beam_search(model, params, encoder_input_tokens, beam_size=config.beam_size,
+                               max_decode_length=length, alpha=config.alpha)
+    return sequences[:, 0]
+  return sample(model, params, encoder_input_tokens, jax.random.key(config.seed),
+                max_decode_length=length, temperature=config.temperature, top_k=config.top_k,
+                top_p=config.top_p)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  """`generate` and `score` jitted over a mesh for batches of `config.batch_size` rows.
+
+  Take parameters and batches through `place_params` / `place_batch` (sharded global
+  arrays); outputs come back replicated, whole on every process. The compiled batch has
+  `rows` rows: `config.batch_size` rounded up to a multiple of the `data` shards, so any
+  batch runs on any mesh; `place_batch` pads what it is given with copies of the last row
+  (their outputs are for the caller to drop).
+  """
+
+  mesh: jax.sharding.Mesh
+  rows: int
+  model: network.Model
+  config: DecodeConfig
+  param_shardings: Any
+  generate: partitioning.InMesh  # (params, inputs [batch, Li]) -> [batch, max_decode_length]
+  score: partitioning.InMesh  # (params, inputs [batch, Li], targets [batch, Lt]) -> [batch]
+
+  def place_params(self, params: Any) -> Any:
+    dtype = _PARAMS_DTYPES[self.config.params_dtype]
+    cast = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                        else x, params)
+    return partitioning.place(cast, self.param_shardings)
+
+  def place_batch(self, tokens: Any) -> jax.Array:
+    """[n <= rows, length] token ids (whole on every process) -> [rows, length] sharded over
+    `data`, padded with copies of the last row."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if not 0 < tokens.shape[0] <= self.rows:
+      raise ValueError(f'A batch of {tokens.shape[0]} rows; this decoder takes 1 to '
+                       f'{self.rows}.')
+    tokens = jnp.concatenate([tokens, jnp.repeat(tokens[-1:], self.rows - len(tokens), 0)])
+    return partitioning.place(tokens, partitioning.data_sharding(self.mesh))
+
+  def abstract_params(self) -> Any:
+    """The placed parameters as sharded `jax.ShapeDtypeStruct`s (to compile ahead of time)."""
+    dtype = _PARAMS_DTYPES[self.config.params_dtype]
+    shapes = network.param_shapes(self.model.config)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
+                        shapes, self.param_shardings)
+
+  def abstract_batch(self, length: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((self.rows, length), jnp.int32,
+                                sharding=partitioning.data_sharding(self.mesh))
+
+
+def compile_decode(model_config: network.Config, config: DecodeConfig,
+                   mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
+                   devices: Any = None) -> Decoder:
+  """The `Decoder` of a model over `mesh` (all devices, or `devices`: abstract TPU chips to
+  compile for another machine).
+
+      >>> cfg = network.Config(vocab_size=64, emb_dim=8, num_heads=2, head_dim=4, mlp_dim=16,
+      ...                      num_encoder_layers=1, num_decoder_layers=1)
+      >>> decoder = compile_decode(cfg, DecodeConfig(batch_size=2, max_decode_length=5),
+      ...                          devices=jax.devices()[:1])
+      >>> params = decoder.place_params(network.init_params(cfg, jax.random.key(0)))
+      >>> decoder.generate(params, decoder.place_batch([[5, 6, 1], [7, 1, 0]])).shape
+      (2, 5)
+
+  On 8 devices (`data` 8) the same decoder compiles 8 rows, 2 of them given.
+  """
+  model_config = dataclasses.replace(model_config, dropout_rate=0.0)
+  device_mesh = partitioning.make_mesh(mesh, devices)
+  shards = device_mesh.shape['data']
+  rules = mesh.rules()
+  shardings = partitioning.param_shardings(model_config, device_mesh, rules)
+  rows = partitioning.data_sharding(device_mesh)
+  whole = partitioning.replicated(device_mesh)
+  model = network.build(model_config)
+
+  def in_mesh(fn, arguments):
+    return partitioning.InMesh(jax.jit(fn, in_shardings=(shardings,) + (rows,) * arguments,
+                                       out_shardings=whole), device_mesh, rules)
+
+  return Decoder(
+      mesh=device_mesh, rows=-(-config.batch_size // shards) * shards, model=model,
+      config=config, param_shardings=shardings,
+      generate=in_mesh(lambda p, x: generate(model, p, x, config), 1),
+      score=in_mesh(lambda p, x, t: score(model, p, x, t), 2))

@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from ul2 import network
+
 AxisRules = tuple[tuple[str, str | None], ...]
 
 
@@ -142,8 +144,43 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: AxisRules) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def param_shardings(config: network.Config, mesh: Mesh, rules: AxisRules) -> Any:
+  """Each parameter's sharding, from its logical axes."""
+  boxed = jax.eval_shape(lambda r: network.init_params(config, r, boxed=True),
+                         jax.random.key(0))
+  return logical_shardings(boxed, mesh, rules)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """A tree of host arrays, whole on every process, as global arrays with `shardings`; each
+  process keeps only its own devices' shards (so it works on one host and on many)."""
+  def put(x, sharding):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put, tree, shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class InMesh:
+  """A jitted function called, or lowered (`.lower(*abstract_args)`, ahead-of-time
+  compilation for another machine), under its mesh and logical-axis rules: the activations'
+  `nn.with_logical_constraint`s of `ul2.network` then shard as the rules say."""
+
+  fn: Any
+  mesh: Mesh
+  rules: AxisRules
+
+  def __call__(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.fn(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.fn.lower(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -268,18 +267,11 @@ def _init_fn(config: network.Config, tx: optax.GradientTransformation
   return init
 
 
-def param_shardings(config: network.Config, mesh: Mesh, rules: partitioning.AxisRules) -> Any:
-  """Each parameter's sharding, from its logical axes."""
-  boxed = jax.eval_shape(lambda r: network.init_params(config, r, boxed=True),
-                         jax.random.key(0))
-  return partitioning.logical_shardings(boxed, mesh, rules)
-
-
 def state_shardings(config: network.Config, tx: optax.GradientTransformation, mesh: Mesh,
                     rules: partitioning.AxisRules) -> TrainState:
   """Shardings of every leaf of the train state: the parameters' from their logical axes,
   Adafactor's as T5X partitions them (`adafactor.state_shardings`)."""
-  params = param_shardings(config, mesh, rules)
+  params = partitioning.param_shardings(config, mesh, rules)
   replicated = partitioning.replicated(mesh)
   opt_shapes = jax.eval_shape(tx.init, network.param_shapes(config))
   return TrainState(replicated, params,
@@ -376,24 +368,6 @@ class CompiledRun:
                         shapes, self.shardings)
 
 
-@dataclasses.dataclass(frozen=True)
-class _InMesh:
-  """A jitted function called, or lowered (`.lower(*abstract_args)`, ahead-of-time
-  compilation for another machine), under its mesh and logical-axis rules."""
-
-  fn: Any
-  mesh: Mesh
-  rules: partitioning.AxisRules
-
-  def __call__(self, *args):
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return self.fn(*args)
-
-  def lower(self, *args):
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return self.fn.lower(*args)
-
-
 def compile_run(model: network.Config, optimizer: OptimizerConfig, run: TrainConfig,
                 mesh: partitioning.MeshConfig,
                 devices: Sequence[jax.Device] | None = None) -> CompiledRun:
@@ -404,13 +378,13 @@ def compile_run(model: network.Config, optimizer: OptimizerConfig, run: TrainCon
   shardings = state_shardings(model, tx, device_mesh, rules)
   per_layer = shardings.params
   if model.scan_layers:  # checkpoints hold per-layer names: their shardings too
-    per_layer = param_shardings(dataclasses.replace(model, scan_layers=False), device_mesh,
-                                rules)
+    per_layer = partitioning.param_shardings(dataclasses.replace(model, scan_layers=False),
+                                             device_mesh, rules)
   batch_sharding = partitioning.data_sharding(device_mesh)
   net = network.build(model)
 
   def in_mesh(fn):
-    return _InMesh(fn, device_mesh, rules)
+    return partitioning.InMesh(fn, device_mesh, rules)
 
   return CompiledRun(
       mesh=device_mesh, model=net, optimizer=tx, shardings=shardings,
