@@ -145,7 +145,7 @@ def main(argv=None):
   parser.add_argument('--protocol', choices=('t5', 'prompted'), default='t5',
                       help="t5: T5's text-to-text formats (fine-tuned models); prompted: "
                       'natural-language prompts, per-example candidates scored by likelihood '
-                      '(zero-/few-shot, the README lists the prompts)')
+                      '(zero-/few-shot, docs/finetuning.md lists the prompts)')
   parser.add_argument('--length_normalized', action='store_true',
                       help='prompted: rank candidates by mean log-likelihood per token')
   parser.add_argument('--seed', type=int, default=0, help='which training examples are shots')

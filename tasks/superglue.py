@@ -392,7 +392,7 @@ def names_referent(prediction: str, referent: str) -> int:
 # The prompted protocol (zero- and few-shot, as the UL2 and GPT-3 papers evaluate)
 # ----------------------------------------------------------------------------------------------
 
-# task -> (prompt, candidates): what `prompted_examples` builds, shown in the README's table.
+# task -> (prompt, candidates): what `prompted_examples` builds, shown in docs/finetuning.md's table.
 PROMPTS = {
     'boolq': ('{passage} Question: {question}? Answer:', 'no / yes'),
     'cb': ('{premise} Question: {hypothesis} True, False, or Neither? Answer:',

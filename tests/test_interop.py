@@ -71,7 +71,7 @@ def test_exported_model_loads_in_transformers_with_the_same_logits(tmp_path, nam
   if not cfg.logits_via_embedding:
     # transformers 5.x reads tie_word_embeddings false as "T5 v1.1: no decoder-output
     # scaling" and sets the flag itself back to True; the weights stay untied (they differ),
-    # hence its warning: harmless, as the logits above show (README, Interoperability).
+    # hence its warning: harmless, as the logits above show (docs/interop.md).
     model = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path))
     assert model.config.scale_decoder_outputs is False
     assert not torch.equal(model.lm_head.weight, model.shared.weight)

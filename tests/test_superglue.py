@@ -639,9 +639,9 @@ def test_infer_sharded_over_a_mesh_equals_one_device(tmp_path, one_step_model):
       run(*flags, "--gin.decoding.DecodeConfig.method='beem'")
 
 
-def test_the_readme_lists_every_prompt():
+def test_the_docs_list_every_prompt():
   readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             'README.md')).read()
+                             'docs', 'finetuning.md')).read()
   for task, (prompt, candidates) in sg.PROMPTS.items():
     assert f'| {task} | `{prompt}` | {candidates} |' in readme, task
 

@@ -2,7 +2,7 @@
 
 Read in data-flow order: `vocabulary` -> `denoisers` -> `data` -> `network` -> `flops` ->
 `partitioning` -> `adafactor` -> `train` -> `checkpoints` -> `decoding` -> `evaluation` -> `interop`
-(README, "Architecture", says what each owns).
+(docs/architecture.md says what each owns).
 """
 
 import importlib.metadata as _metadata

@@ -134,8 +134,8 @@ class Config:
   # Large models: one scanned layer per stack compiles in constant time; remat trades
   # recomputation for activation memory ('none', 'projections', 'minimal' or 'full';
   # docs/pods.md compares them on TPU slices). Pair remat with scan:
-  # without scan, XLA schedules the recomputation early and remat saves little (README,
-  # "Training speed", has the compiled-memory figures).
+  # without scan, XLA schedules the recomputation early and remat saves little (T5 1.1
+  # base: 79 -> 78 GiB compiled with 'full' unscanned, 7 GiB scanned).
   scan_layers: bool = False
   remat_policy: str = 'none'
 
