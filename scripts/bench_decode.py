@@ -130,10 +130,10 @@ def timed(call) -> tuple[float, object]:
 
 
 def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)  # before JAX loads
   import numpy as np
 
   from ul2 import flops
-  args = parse_args(sys.argv[1:] if argv is None else argv)
   reused = gin_cli.reuse_freed_memory(args)  # both sides: they share this process
   cfg, model, params, inputs, targets = setup(args)
   methods = [m.strip() for m in args.methods.split(',') if m.strip()]

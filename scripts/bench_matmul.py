@@ -98,10 +98,10 @@ def torch_side(args):
 
 
 def main(argv=None):
+  args = parse_args(argv)  # --help and flag mistakes before JAX loads
   import numpy as np
 
   from ul2 import flops, network
-  args = parse_args(argv)
   report = {'shape': [args.m, args.k, args.n],
             'cpu_features': network.cpu_bfloat16_instructions(),
             'network_dot_on_this_cpu': network.cpu_bfloat16_products(),

@@ -36,16 +36,7 @@ import tempfile
 import time
 from typing import Sequence
 
-import jax
-import numpy as np
-
 import gin_cli
-from ul2 import data as data_lib
-from ul2 import flops as flops_lib
-from ul2 import interop
-from ul2 import network
-from ul2 import partitioning
-from ul2 import train as train_lib
 
 
 def parse_args(argv=None):
@@ -80,6 +71,20 @@ def parse_args(argv=None):
   args = p.parse_args(rest)
   args.bindings = bindings
   return args
+
+
+if __name__ == '__main__':  # --help and flag mistakes answer before JAX and TensorFlow load
+  parse_args()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ul2 import data as data_lib  # noqa: E402
+from ul2 import flops as flops_lib  # noqa: E402
+from ul2 import interop  # noqa: E402
+from ul2 import network  # noqa: E402
+from ul2 import partitioning  # noqa: E402
+from ul2 import train as train_lib  # noqa: E402
 
 
 def model_config(name: str, dtype: str, bindings: Sequence[str] = ()) -> network.Config:

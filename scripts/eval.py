@@ -40,7 +40,7 @@ import sys
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import gin_cli  # noqa: E402
-from ul2 import data, vocabulary  # noqa: E402
+from ul2 import vocabulary  # noqa: E402  (light: the mode tokens for --help)
 
 
 def results_table(results, average, failed=()) -> str:
@@ -59,6 +59,7 @@ def results_table(results, average, failed=()) -> str:
 
 def generation(args) -> tuple[list[dict], float]:
   """--generation: ROUGE of greedy decodes, k-shot, per task, and their average."""
+  from ul2 import data
   data.hide_accelerators_from_tensorflow()
   import ul2_tasks  # noqa: F401  (gen_gutenberg_continuation)
   gin_cli.import_modules(args.module)
@@ -95,6 +96,7 @@ def generation(args) -> tuple[list[dict], float]:
 
 def by_denoiser(args) -> dict:
   """--by_denoiser: the per-denoiser and per-mode table of a checkpoint."""
+  from ul2 import data
   data.hide_accelerators_from_tensorflow()
   import ul2_tasks  # noqa: F401  (the corpus tasks)
   gin_cli.import_modules(args.module)
@@ -177,6 +179,9 @@ def main(argv=None):
   parser.add_argument('--denoiser_batches', type=int, default=4,
                       help='--by_denoiser: batches per denoiser')
   args = parser.parse_args(argv)
+  gin_cli.check_checkpoint(args.checkpoint)
+  if args.best:
+    gin_cli.check_checkpoint(os.path.join(args.checkpoint, 'best'), '--checkpoint (with --best)')
   gin_cli.reuse_freed_memory(args)
   if args.by_denoiser:
     return by_denoiser(args)
@@ -186,6 +191,7 @@ def main(argv=None):
     parser.error('--predictions needs --output')
   if args.submission and args.split != 'test':
     parser.error('--submission needs --split test (the leaderboard scores the test set)')
+  from ul2 import data
   data.hide_accelerators_from_tensorflow()  # the model runs on the accelerators
 
   from ul2_tasks import superglue

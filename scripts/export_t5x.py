@@ -30,7 +30,6 @@ import sys
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import gin_cli  # noqa: E402
-from ul2 import checkpoints, interop  # noqa: E402
 
 
 def main(argv=None):
@@ -47,6 +46,8 @@ def main(argv=None):
   parser.add_argument('--overwrite', action='store_true',
                       help='replace the contents of a non-empty --output')
   args = parser.parse_args(argv)
+  gin_cli.check_checkpoint(args.checkpoint)
+  from ul2 import checkpoints, interop
   params, config = checkpoints.load(args.checkpoint, gin_cli.model_config(args.gin_file),
                                     ignore_extra=args.ignore_extra_params)
   try:  # after reading: a failed read leaves an existing export as it was

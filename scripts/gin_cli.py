@@ -396,12 +396,45 @@ def macro(name: str) -> Any:
   return value
 
 
+def check_checkpoint(path: str, flag: str = '--checkpoint') -> None:
+  """A local checkpoint path that does not exist stops in one line, with the closest names
+  beside it, before any heavy import (URLs are left to the loader)."""
+  if '://' in path or os.path.exists(path):
+    return
+  parent = os.path.dirname(os.path.abspath(path))
+  near = difflib.get_close_matches(os.path.basename(os.path.normpath(path)),
+                                   sorted(os.listdir(parent)), n=3, cutoff=0.6
+                                   ) if os.path.isdir(parent) else []
+  hint = (' Did you mean ' + ' or '.join(os.path.join(os.path.dirname(path), n)
+                                         for n in near) + '?') if near else (
+      ' Give a model_dir, its checkpoints/<step> or best/, an HF or a T5X checkpoint '
+      'directory.')
+  raise SystemExit(f'error: No checkpoint at {path} ({flag}): no such file or directory.{hint}')
+
+
+def require_extra(extra: str, module: str, what: str) -> None:
+  """Stops in one line naming the extra when `module` (an optional dependency) is missing;
+  before any heavy import."""
+  import importlib.util
+  try:
+    found = importlib.util.find_spec(module) is not None
+  except (ImportError, ValueError):  # a module blocked as None in sys.modules
+    found = False
+  if not found:
+    raise SystemExit(f"error: {what} needs {module} (the {extra} extra): pip install -e "
+                     f"'.[{extra}]'")
+
+
 def exit_on_user_error(main, *args):
   """Runs a script's `main`: a mistake in what the user gave (a ValueError or a missing file,
   also raised inside a TensorFlow input pipeline) ends in one line `error: ...` and exit
   status 1. UL2_TRACEBACK=1 shows the traceback instead."""
   try:
     return main(*args)
+  except ImportError as e:  # an optional dependency missing: ul2.interop.MissingExtra
+    if os.environ.get('UL2_TRACEBACK') or type(e).__name__ != 'MissingExtra':
+      raise
+    raise SystemExit(f'error: {e}') from None
   except (ValueError, FileNotFoundError, NotADirectoryError) as e:
     if os.environ.get('UL2_TRACEBACK'):
       raise

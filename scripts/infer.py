@@ -30,7 +30,7 @@ import time
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import gin_cli  # noqa: E402
-from ul2 import data, vocabulary  # noqa: E402
+from ul2 import vocabulary  # noqa: E402  (light: the mode tokens for --help)
 
 # Flags that set a field of the decoding.DecodeConfig a gin file (runs/infer.gin) may bind;
 # given on the command line they win. Their defaults are the config's.
@@ -104,8 +104,10 @@ def configs(gin_files, bindings, args):
 
 def main(argv=None, out=sys.stdout):
   gin_files, bindings, args, parser = parse_args(sys.argv[1:] if argv is None else argv)
+  gin_cli.check_checkpoint(args.checkpoint)
   gin_cli.initialize_distributed(args)
   gin_cli.reuse_freed_memory(args)
+  from ul2 import data
   data.hide_accelerators_from_tensorflow()  # the model runs on the accelerators
   gin_cli.import_modules(args.module)  # e.g. one that registers a vocabulary's tasks
 

@@ -27,13 +27,62 @@ def test_c4_that_is_not_prepared_says_how_to_prepare_it(tmp_path, monkeypatch):
     data_lib.check_task('ul2_mod_c4')
 
 
-def test_a_checkpoint_that_does_not_exist_is_one_line():
-  done = subprocess.run([sys.executable, os.path.join(SCRIPTS, 'infer.py'), '--checkpoint',
-                         '/no/such/run', '--input', 'Hi'], capture_output=True, text=True,
-                        timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
-  assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr[-2000:]
-  assert done.stderr.strip().splitlines()[-1].startswith(
-      'error: No checkpoint at /no/such/run: no such file or directory. Give a model_dir')
+def run_script(name, *args, block=(), cwd=None):
+  """scripts/<name>.py in a subprocess -> (the completed process, the modules it imported of
+  jax and tensorflow); `block`: modules made unimportable, as if not installed."""
+  code = ('import runpy, sys\n'
+          f'for m in {list(block)!r}: sys.modules[m] = None\n'
+          f'sys.argv = [{name + ".py"!r}, *{list(args)!r}]\n'
+          'try:\n'
+          f'  runpy.run_path({os.path.join(SCRIPTS, name + ".py")!r}, run_name="__main__")\n'
+          'finally:\n'
+          '  print("heavy:", sorted(m for m in ("jax", "tensorflow") if m in sys.modules))\n')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': SCRIPTS}
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        timeout=300, env=env, cwd=cwd)
+  heavy = [line for line in done.stdout.splitlines() if line.startswith('heavy:')]
+  return done, heavy[-1] if heavy else None
+
+
+def test_a_checkpoint_that_does_not_exist_is_one_line_before_jax_loads(tmp_path):
+  (tmp_path / 'runs' / 'quickstart').mkdir(parents=True)
+  for script, args in (('infer', ['--input', 'Hi']), ('eval', []),
+                       ('export_hf', ['--output', 'x']), ('export_t5x', ['--output', 'x'])):
+    done, heavy = run_script(script, '--checkpoint', 'runs/quickstrat', *args, cwd=tmp_path)
+    assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip() == ('error: No checkpoint at runs/quickstrat (--checkpoint): no '
+                                   'such file or directory. Did you mean runs/quickstart?')
+    assert heavy == 'heavy: []', (script, heavy)
+  done, _ = run_script('infer', '--checkpoint', '/no/such/run', '--input', 'Hi')
+  assert done.stderr.strip().startswith(
+      'error: No checkpoint at /no/such/run (--checkpoint): no such file or directory. Give a '
+      'model_dir')
+
+
+@pytest.mark.parametrize('script', sorted(
+    os.path.basename(p)[:-3] for p in __import__('glob').glob(os.path.join(SCRIPTS, '*.py'))
+    if not p.endswith('gin_cli.py')))
+def test_every_scripts_help_answers_before_jax_or_tensorflow_load(script):
+  done, heavy = run_script(script, '--help')
+  assert done.returncode == 0 and 'usage:' in done.stdout, done.stderr[-2000:]
+  assert heavy == 'heavy: []', heavy
+
+
+def test_a_missing_optional_dependency_is_one_line_naming_its_extra(tmp_path):
+  done, heavy = run_script('export_hf', '--checkpoint', str(tmp_path), '--output', 'x',
+                           block=('safetensors',))
+  assert done.returncode == 1 and heavy == 'heavy: []'
+  assert done.stderr.strip() == ("error: scripts/export_hf.py needs safetensors (the hf extra): "
+                                 "pip install -e '.[hf]'")
+  # Reading an HF directory (config.json beside *.safetensors) without it, from eval.py.
+  (tmp_path / 'config.json').write_text('{}')
+  (tmp_path / 'model.safetensors').write_bytes(b'')
+  done, _ = run_script('eval', '--checkpoint', str(tmp_path), '--tasks', 'cb',
+                       block=('safetensors',))
+  assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr[-3000:]
+  assert done.stderr.strip().splitlines()[-1] == (
+      f"error: Reading the HF checkpoint {tmp_path} needs safetensors (the hf extra): pip "
+      "install -e '.[hf]'")
 
 
 def test_text_key_given_to_register_corpus_instead_of_the_source(tmp_path):

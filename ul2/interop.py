@@ -189,12 +189,24 @@ def prepare_export_dir(path: str, overwrite: bool = False) -> None:
   os.makedirs(path, exist_ok=True)
 
 
+class MissingExtra(ImportError):
+  """An optional dependency is not installed; the message is one line naming the extra."""
+
+
+def _safetensors_numpy(what: str):
+  try:
+    import safetensors.numpy
+  except ImportError:
+    raise MissingExtra(f"{what} needs safetensors (the hf extra): pip install -e '.[hf]'"
+                       ) from None
+  return safetensors.numpy
+
+
 def save_hf(params: Any, config: network.Config, output_dir: str,
             spm_path: str = vocabulary.SPM_PATH) -> None:
   """Writes a `T5ForConditionalGeneration` directory: config.json, model.safetensors and the
   SentencePiece tokenizer files (T5Tokenizer with 100 extra ids)."""
-  from safetensors.numpy import save_file
-
+  save_file = _safetensors_numpy('Writing an HF checkpoint').save_file
   os.makedirs(output_dir, exist_ok=True)
   tensors = to_hf_state_dict(params, config)
   save_file(tensors, os.path.join(output_dir, 'model.safetensors'), metadata={'format': 'pt'})
@@ -228,7 +240,7 @@ def is_hf_directory(path: str) -> bool:
 
 def load_hf(directory: str, **overrides) -> tuple[dict, network.Config]:
   """An HF T5 / UL2 directory on disk (safetensors) -> (our parameters, config). No hub."""
-  from safetensors.numpy import load_file
+  load_file = _safetensors_numpy(f'Reading the HF checkpoint {directory}').load_file
 
   config = read_hf_config(directory, **overrides)
   files = sorted(f for f in os.listdir(directory) if f.endswith('.safetensors'))
