@@ -15,7 +15,7 @@ import transformers
 
 import export_hf
 import train_setup
-from ul2 import checkpoints, decoding, interop, network
+from ul2 import checkpoints, decoding, interop, losses, network
 from ul2 import data as data_lib
 
 BASE = network.Config(vocab_size=512, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
@@ -178,7 +178,7 @@ def test_training_starts_from_hf_weights_and_exports_back(tmp_path):
       data_lib.DataConfig('ul2_mod_gutenberg', train_setup.LENGTHS, batch_size=8),
       'train', 0, repeat=True, shuffle=False))))
   logits = network.Transformer(cfg).apply({'params': params}, **network.model_inputs(fixed))
-  sums = train_setup.T.loss_sums(logits, fixed['decoder_target_tokens'],
+  sums = losses.loss_sums(logits, fixed['decoder_target_tokens'],
                                  fixed['decoder_loss_weights'], 1e-4)
   expected = float((sums['cross_entropy'] + sums['z_loss']) / sums['weight'])
 

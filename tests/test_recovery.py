@@ -19,7 +19,7 @@ import pytest
 
 import train_setup
 from train_setup import TINY
-from ul2 import checkpoints
+from ul2 import checkpoints, records
 from ul2 import data as data_lib
 from ul2 import train as T
 
@@ -271,7 +271,7 @@ def test_what_goes_through_gfile_works_on_a_non_local_filesystem():
   with writer.as_default(step=7):
     tf.summary.scalar('loss', 1.5)
   writer.flush()
-  assert T._last_logged_step(checkpoints.join(model_dir, 'train')) == 7
+  assert records._last_logged_step(checkpoints.join(model_dir, 'train')) == 7
   assert checkpoints.read_best(model_dir) is None
 
 

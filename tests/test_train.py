@@ -22,6 +22,8 @@ import train_setup
 from train_setup import TINY, fixed_batch, run
 from ul2 import data as data_lib
 from ul2 import aot, flops, network, partitioning
+from ul2 import losses as losses_lib
+from ul2 import records
 from ul2 import train as T
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -290,13 +292,13 @@ def test_the_loss_is_jax_logsumexp_with_the_max_bit_for_bit(vocab):
     return jax.jit(jax.value_and_grad(f, has_aux=True))
 
   want_max = np.asarray(jax.jit(lambda x: jnp.max(x, axis=-1))(logits))
-  ours = lambda x: T.loss_sums(x, targets, weights, 1e-4)
+  ours = lambda x: losses_lib.loss_sums(x, targets, weights, 1e-4)
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ('data', 'model'))
   split = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec('data', None, 'model' if vocab % 4 == 0 else None))
   (want, want_sums), want_grad = total(reference)(logits)
   for x in (jnp.asarray(logits), jax.device_put(logits, split)):
-    np.testing.assert_array_equal(np.asarray(jax.jit(T.vocab_max)(x)), want_max)
+    np.testing.assert_array_equal(np.asarray(jax.jit(losses_lib.vocab_max)(x)), want_max)
     (got, got_sums), got_grad = total(ours)(x)
     # XLA may order the float32 sums of two different programs differently: rounding only.
     np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
@@ -313,7 +315,7 @@ def test_the_loss_is_jax_logsumexp_with_the_max_bit_for_bit(vocab):
   poisoned[1, 1, vocab // 2] = np.nan
   assert np.isnan(float(jax.jit(ours)(poisoned)['cross_entropy']))
   # On CPU the max takes two passes, kept apart by barriers, where a block count divides it.
-  lowered = jax.jit(T.vocab_max).lower(jnp.asarray(logits)).as_text()
+  lowered = jax.jit(losses_lib.vocab_max).lower(jnp.asarray(logits)).as_text()
   assert ('optimization_barrier' in lowered) == (vocab in (32128, 32000))  # 251, 7: prime
 
 
@@ -443,7 +445,7 @@ def test_microbatches_that_do_not_split_the_batch(tmp_path):
     run(str(tmp_path), steps=1, microbatches=3)
 
 
-@pytest.mark.parametrize('module', [T, data_lib, flops, aot],
+@pytest.mark.parametrize('module', [T, losses_lib, records, data_lib, flops, aot],
                          ids=lambda m: m.__name__)
 def test_docstring_examples(module):
   import doctest

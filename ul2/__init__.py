@@ -1,7 +1,8 @@
 """ul2: UL2 (Tay et al., 2022) in JAX/Flax.
 
 Read in data-flow order: `vocabulary` -> `denoisers` -> `data` -> `network` -> `flops` ->
-`partitioning` -> `adafactor` -> `train` -> `checkpoints` -> `decoding` -> `evaluation` -> `interop`
+`partitioning` -> `adafactor` -> `losses` -> `records` -> `train` -> `checkpoints` -> `decoding`
+-> `evaluation` -> `aot` -> `interop`
 (docs/architecture.md says what each owns).
 """
 

@@ -429,6 +429,16 @@ class Checkpoints:
   def _data_path(self, step: int) -> str:
     return join(self.data_dir, str(step), f'process_{jax.process_index()}')
 
+  def check_finite_loss(self, entries: list[dict[str, float]]) -> None:
+    """Stops the run at the first step whose loss is NaN or infinite: the parameters after it
+    are not worth saving over the good checkpoints."""
+    for entry in entries:
+      if not np.isfinite(entry['loss']):
+        raise CheckpointError(
+            f'Step {entry["step"]}: the loss is {entry["loss"]}, so nothing after step '
+            f'{self.latest_step()} is saved; {self.describe_last_good()}. Resume from it with '
+            'a lower learning rate or a different seed.')
+
   def describe_last_good(self) -> str:
     """'the last good checkpoint is step <n> in <dir>' (or that there is none)."""
     last = self.latest_step()

@@ -29,9 +29,11 @@ runs on machines without them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import types
@@ -39,6 +41,16 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+
+
+def _not_for_resumable_pipelines(record: logging.LogRecord) -> bool:
+  """Drops seqio's warning that shuffling an uncached task (any text, jsonl or SuperGLUE
+  source) repeats itself on restarts: ul2's pipelines save their position and resume it
+  exactly (`HostBatches`), and evaluation's shuffles are seeded."""
+  return not record.getMessage().startswith('Using an uncached FunctionDataset for training')
+
+
+logging.getLogger('absl').addFilter(_not_for_resumable_pipelines)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +104,12 @@ def check_task(name: str):
     task = seqio.get_mixture_or_task(name)
   except ValueError:
     known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    near = difflib.get_close_matches(name, known, n=1)
+    hint = (f'Did you mean {near[0]!r}? ' if near else
+            f'Registered: {", ".join(known)}. Import the module that registers it '
+            '(--module=NAME, or gin: `import NAME`).')
     raise ValueError(f'Unknown task or mixture {name!r} (DataConfig.task / '
-                     f'MIXTURE_OR_TASK_NAME). Registered: {", ".join(known)}. Import the '
-                     'module that registers it (--module=NAME, or gin: `import NAME`).') from None
+                     f'MIXTURE_OR_TASK_NAME). {hint}'.rstrip()) from None
   for sub in (task.tasks if isinstance(task, seqio.Mixture) else [task]):
     if isinstance(sub.source, seqio.TfdsDataSource):
       _check_tfds_prepared(sub.name, sub.source)
@@ -354,6 +369,39 @@ def denoiser_tasks(name: str, denoisers: Sequence[Any]) -> dict[str, Any]:
         output_features=task.output_features,
         preprocessors=steps[:at[0]] + [denoisers_lib.MixtureOfDenoisers(one)] + steps[at[0] + 1:],
         metric_fns=[])
+  return out
+
+
+def denoiser_validation_batches(data: DataConfig, batches: int,
+                                denoisers: Sequence[Any] | None = None,
+                                architecture: str = 'encoder_decoder', log=print
+                                ) -> dict[str, tuple[str, list[dict[str, np.ndarray]]]]:
+  """{denoiser name: (its mode token, `batches` fixed host batches)} of `data.task`'s corpus
+  on its `data.eval_split` split, one stream per denoiser (the paper's seven by default):
+  what training validates per denoiser and `eval.py --by_denoiser` reports. {} for a task
+  without a denoising or LM objective (SuperGLUE)."""
+  import warnings
+
+  from ul2 import denoisers as denoisers_lib
+
+  chosen = denoisers or denoisers_lib.UL2_DENOISERS
+  modes = {d.name: d.mode for d in chosen}
+  lengths = dict(data.feature_lengths)
+  if architecture == 'decoder_only' and 'inputs' not in lengths:
+    # A causal-LM run: the denoisers' examples are inputs + targets in one row of its length.
+    lengths = {'inputs': lengths['targets'] // 2, 'targets': lengths['targets'] // 2}
+  data = dataclasses.replace(data, feature_lengths=lengths)
+  out = {}
+  with warnings.catch_warnings():  # short lengths: the training task already warned
+    warnings.simplefilter('ignore', UserWarning)
+    for name, task in denoiser_tasks(data.task, chosen).items():
+      sets = make_datasets(data, data.eval_split, seed=0, repeat=False, shuffle=False,
+                           architecture=architecture, task=task)
+      got = [b for _, b in zip(range(batches), HostBatches(sets))]
+      if got:
+        out[name] = (modes[name], got)
+      else:
+        log(f'Validation split {data.eval_split!r} gave no full batch for denoiser {name}.')
   return out
 
 

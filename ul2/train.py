@@ -6,30 +6,22 @@ readable loop around it.
       state, metrics = train_step(state, batch)
       log / validate / task metrics / checkpoint, each at its own cadence
 
-Objective (reference §3): cross-entropy on `decoder_loss_weights` plus z-loss
-(`z_loss * logsumexp(logits)^2`, 1e-4), normalised by the real target tokens of the global
-batch, so k microbatches give the same gradient as one full batch. Optimiser: T5X's Adafactor
-(`ul2.adafactor`: factored second moments, decay rate 0.8, update clipping 1.0, no momentum,
-updates scaled by the parameter's RMS, epsilon 1e-30; a scanned stack's `layers` axis is a
-batch axis, so every layer is updated as it would be unscanned).
-Learning rate: T5X's `1 / sqrt(max(step, 10000))` by default; constant, linear and cosine
-decay (with linear warmup) on request.
+Objective: `ul2.losses` (T5X's cross-entropy plus z-loss, normalised by the global batch's
+target tokens, so k microbatches give one full batch's gradient). Optimiser: T5X's Adafactor
+(`ul2.adafactor`). Learning rate: T5X's `1 / sqrt(max(step, 10000))` by default; constant,
+linear and cosine decay (with linear warmup) on request.
 
-The input pipeline is `ul2.data`'s; the model directory (checkpoints, input positions, the
-best parameters) is `ul2.checkpoints`'; FLOPs and MFU are `ul2.flops`'. This module imports
-TensorFlow and seqio only when it builds a seqio input pipeline, so a synthetic-data benchmark
-(`compile_run` alone) runs on machines without them.
+The input pipeline is `ul2.data`'s; the model directory is `ul2.checkpoints`'; the run's
+record (TensorBoard, metrics.jsonl, progress) is `ul2.records`'. TensorFlow and seqio are
+imported only for a seqio input pipeline, so `compile_run` alone runs without them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
-import sys
 import threading
-import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax
@@ -42,8 +34,8 @@ from jax.sharding import Mesh
 from ul2 import adafactor
 from ul2 import checkpoints as checkpoints_lib
 from ul2 import data as data_lib
-from ul2 import flops as flops_lib
-from ul2 import network, partitioning
+from ul2 import losses, network, partitioning
+from ul2 import records as records_lib
 
 Batch = dict[str, jax.Array]
 
@@ -187,67 +179,6 @@ def make_optimizer(cfg: OptimizerConfig, train_steps: int, model: network.Config
   return tx, schedule
 
 
-def vocab_max(logits: jax.Array) -> jax.Array:
-  """[..., vocab] -> [...]: the largest logit, bit for bit `jnp.max(logits, axis=-1)` (for
-  logits without NaNs: with one, `loss_sums` is NaN either way).
-
-  >>> vocab_max(jnp.array([[0.5, -1.0, 2.0, 1.5]]))
-  Array([2.], dtype=float32)
-
-  On CPU it reduces in two passes, first across blocks of the vocabulary, then within one:
-  [..., 32128] -> [..., 128, 251] -> max over the 128 blocks (an elementwise max of
-  contiguous rows, vectorised) -> [..., 251] -> max. XLA:CPU (jaxlib 0.10.2) runs one max over
-  a 32k minor axis as a windowed reduction at a tenth of memory speed: 31 ms of `ul2_cpu`'s
-  0.30 s float32 train step for its [8, 128, 32128] logits, 6.4 ms in two passes. The
-  barriers keep XLA from merging the passes back into one reduction. A maximum is exact in
-  any order, so the result is the same bit for bit; other platforms keep the one reduction.
-  """
-  vocab = logits.shape[-1]
-  # The largest block count <= 128 that divides the vocabulary (32128 = 128 x 251); the
-  # block axis stays outermost, so a vocabulary sharded over the mesh stays sharded.
-  blocks = next((b for b in range(min(128, vocab // 2), 1, -1) if vocab % b == 0), 1)
-
-  def one_pass(x):
-    return jnp.max(x, axis=-1)
-
-  def two_passes(x):
-    x = jax.lax.optimization_barrier(x.reshape(x.shape[:-1] + (blocks, vocab // blocks)))
-    return jnp.max(jax.lax.optimization_barrier(jnp.max(x, axis=-2)), axis=-1)
-
-  if blocks == 1:
-    return one_pass(logits)
-  return jax.lax.platform_dependent(logits, cpu=two_passes, default=one_pass)
-
-
-def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
-              z_loss: float) -> dict[str, jax.Array]:
-  """Summed (not averaged) cross-entropy, z-loss, correct tokens and weight of a batch.
-
-  Sums, so that microbatches and data shards add up before the one normalisation.
-
-  >>> logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1]]]))
-  >>> s = loss_sums(logits, jnp.array([[0, 0]]), jnp.array([[1.0, 1.0]]), 0.0)
-  >>> round(float(s['cross_entropy']), 4), float(s['correct']), float(s['weight'])
-  (0.7985, 2.0, 2.0)
-  """
-  logits = jnp.asarray(logits, jnp.float32)  # [batch, length, vocab]
-  top = vocab_max(logits)  # [batch, length]
-  # logsumexp as jax.nn.logsumexp computes it (the same float32 sum), given the max.
-  shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
-  log_z = jnp.log(jnp.sum(jnp.exp(logits - shift[..., None]), axis=-1)) + shift
-  target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32),
-                                      axis=-1)[..., 0]
-  weights = weights.astype(jnp.float32)
-  return {
-      'cross_entropy': jnp.sum((log_z - target_logits) * weights),
-      'z_loss': jnp.sum(z_loss * jnp.square(log_z) * weights),
-      # The target's logit is the largest: argmax without argmax, which is ~5x slower than a
-      # max-reduce over a 32k vocabulary on CPU.
-      'correct': jnp.sum((target_logits >= top) * weights),
-      'weight': jnp.sum(weights),
-  }
-
-
 # ----------------------------------------------------------------------------------------------
 # State and the pure step
 # ----------------------------------------------------------------------------------------------
@@ -290,7 +221,7 @@ def make_train_step(model: network.Model, tx: optax.GradientTransformation,
     def loss_fn(p):
       logits = model.apply({'params': p}, **network.model_inputs(batch),
                            enable_dropout=dropout, rngs={'dropout': rng} if dropout else None)
-      sums = loss_sums(logits, batch['decoder_target_tokens'], batch['decoder_loss_weights'],
+      sums = losses.loss_sums(logits, batch['decoder_target_tokens'], batch['decoder_loss_weights'],
                        run.z_loss)
       return sums['cross_entropy'] + sums['z_loss'], sums
     return jax.grad(loss_fn, has_aux=True)(params)
@@ -339,7 +270,7 @@ def make_train_step(model: network.Model, tx: optax.GradientTransformation,
 def make_eval_step(model: network.Model, z_loss: float) -> Callable[[Any, Batch], dict]:
   def eval_step(params, batch):
     logits = model.apply({'params': params}, **network.model_inputs(batch))
-    return loss_sums(logits, batch['decoder_target_tokens'], batch['decoder_loss_weights'],
+    return losses.loss_sums(logits, batch['decoder_target_tokens'], batch['decoder_loss_weights'],
                      z_loss)
   return eval_step
 
@@ -443,8 +374,11 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
   if started is not None:
     started()
   start = int(state.step)
-  records = _Records(run, model, data, compiled.mesh, start,
-                     summaries=inputs.pipeline is not None, log=log)
+  records = records_lib.Records(
+      run.model_dir, run.steps, start, model=model, batch_size=data.batch_size,
+      feature_lengths=data.feature_lengths, mesh=compiled.mesh,
+      peak_flops_per_device=run.peak_flops_per_device, progress_bar=run.progress_bar,
+      summaries=inputs.pipeline is not None, log=log)
   best = checkpoints_lib.read_best(run.model_dir)
   if start < run.steps:
     say(f'Compiling the train step and training steps {start + 1}-{run.steps}...')
@@ -463,12 +397,12 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
       checkpoints.check()  # a failed asynchronous save stops the run at once
       stop = signals.agreed(done)
       if _due(done, run.log_every, run.steps) or stop:
-        _check_finite_loss(records.flush(done), checkpoints)
+        checkpoints.check_finite_loss(records.flush(done))
       if _due(done, run.eval_every, run.steps):
         if inputs.validation:
           records.validation(done, _validate(compiled, state.params, inputs.validation))
         if inputs.by_denoiser:
-          records.by_denoiser(done, by_denoiser_and_mode({
+          records.by_denoiser(done, losses.by_denoiser_and_mode({
               name: (mode, _validation_sums(compiled, state.params, batches))
               for name, (mode, batches) in inputs.by_denoiser.items()}))
       if run.metrics_every and data.eval_split and _due(done, run.metrics_every, run.steps):
@@ -479,7 +413,7 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
         if run.keep_best:
           best = _keep_best(run, done, task_metrics, state.params, model, best, mode)
       if inputs.pipeline is not None and (_due(done, run.checkpoint_every, run.steps) or stop):
-        _check_finite_loss(records.persist(done), checkpoints)
+        checkpoints.check_finite_loss(records.persist(done))
         checkpoints.save(done, state, inputs.pipeline)
       if stop:
         checkpoints.wait()
@@ -490,27 +424,15 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
   if jax.process_index() == 0 and inputs.pipeline is not None:
     log(f'Checkpoints: {checkpoints.directory}  (steps {checkpoints.all_steps()})')
     log(f'TensorBoard: tensorboard --logdir {checkpoints_lib.absolute(run.model_dir)}')
-    picture = plot_metrics(run.model_dir)
+    picture = records_lib.plot_metrics(run.model_dir)
     if picture:
-      log(f'Metrics: {checkpoints_lib.join(run.model_dir, METRICS_JSONL)}, plotted in {picture}')
+      log(f'Metrics: {checkpoints_lib.join(run.model_dir, records_lib.METRICS_JSONL)}, plotted in {picture}')
   return TrainResult(state, records.history, records.eval_history, run.model_dir, start,
                      records.metrics_history, records.denoiser_history)
 
 
 def _print(line: str) -> None:
   print(line, flush=True)  # at once also when stdout is a file (SLURM logs, nohup)
-
-
-def _check_finite_loss(entries: Sequence[dict[str, float]],
-                       checkpoints: checkpoints_lib.Checkpoints) -> None:
-  """Stops the run at the first step whose loss is NaN or infinite: the parameters after it
-  are not worth saving over the good checkpoints."""
-  for entry in entries:
-    if not np.isfinite(entry['loss']):
-      raise checkpoints_lib.CheckpointError(
-          f'Step {entry["step"]}: the loss is {entry["loss"]}, so nothing after step '
-          f'{checkpoints.latest_step()} is saved; {checkpoints.describe_last_good()}. Resume '
-          'from it with a lower learning rate or a different seed.')
 
 
 class _StopSignals:
@@ -589,39 +511,9 @@ class _Inputs:
         log(f'Validation split {data.eval_split!r} gave no full batch; validation is off.')
     by_denoiser = None
     if data.eval_split and run.denoiser_eval_batches:
-      by_denoiser = _denoiser_validation(data, run, architecture, log)
+      by_denoiser = data_lib.denoiser_validation_batches(
+          data, run.denoiser_eval_batches, run.denoiser_eval, architecture, log)
     return cls(pipeline, pipeline, validation or None, by_denoiser or None)
-
-
-def _denoiser_validation(data: data_lib.DataConfig, run: TrainConfig, architecture: str,
-                         log: Callable[[str], None]
-                         ) -> dict[str, tuple[str, list[dict[str, np.ndarray]]]]:
-  """The fixed per-denoiser validation batches of `data.task`'s corpus ({} for a task without
-  a denoising or LM objective, e.g. SuperGLUE)."""
-  from ul2 import denoisers as denoisers_lib
-
-  chosen = run.denoiser_eval or denoisers_lib.UL2_DENOISERS
-  modes = {d.name: d.mode for d in chosen}
-  lengths = dict(data.feature_lengths)
-  if architecture == 'decoder_only' and 'inputs' not in lengths:
-    # A causal-LM run: the denoisers' examples are inputs + targets in one row of its length.
-    lengths = {'inputs': lengths['targets'] // 2, 'targets': lengths['targets'] // 2}
-  data = dataclasses.replace(data, feature_lengths=lengths)
-  out = {}
-  import warnings
-  with warnings.catch_warnings():  # short lengths: the training task already warned
-    warnings.simplefilter('ignore', UserWarning)
-    tasks = data_lib.denoiser_tasks(data.task, chosen)
-    for name, task in tasks.items():
-      sets = data_lib.make_datasets(data, data.eval_split, seed=0, repeat=False, shuffle=False,
-                                    architecture=architecture, task=task)
-      batches = [b for _, b in zip(range(run.denoiser_eval_batches),
-                                   data_lib.HostBatches(sets))]
-      if batches:
-        out[name] = (modes[name], batches)
-      else:
-        log(f'Validation split {data.eval_split!r} gave no full batch for denoiser {name}.')
-  return out
 
 
 def _initial_state(compiled: CompiledRun, checkpoints: checkpoints_lib.Checkpoints,
@@ -659,17 +551,9 @@ def _validation_sums(compiled: CompiledRun, params: Any,
   return totals
 
 
-def validation_metrics(totals: Mapping[str, Any]) -> dict[str, float]:
-  """Loss, cross-entropy and token accuracy from summed `loss_sums`."""
-  weight = max(float(totals['weight']), 1.0)
-  return {'loss': float(totals['cross_entropy'] + totals['z_loss']) / weight,
-          'cross_entropy': float(totals['cross_entropy']) / weight,
-          'accuracy': float(totals['correct']) / weight}
-
-
 def _validate(compiled: CompiledRun, params: Any,
               batches: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
-  return validation_metrics(_validation_sums(compiled, params, batches))
+  return losses.validation_metrics(_validation_sums(compiled, params, batches))
 
 
 def validate_by_denoiser(model: network.Config, params: Any, data: data_lib.DataConfig,
@@ -680,36 +564,14 @@ def validate_by_denoiser(model: network.Config, params: Any, data: data_lib.Data
   same fixed streams training reports (`TrainConfig.denoiser_eval_batches`): what
   `scripts/eval.py --by_denoiser` prints. {} when `data.task` has no denoising objective."""
   import tempfile
-  run = TrainConfig(tempfile.mkdtemp(prefix='ul2_eval_'), steps=1, denoiser_eval_batches=batches,
-                    denoiser_eval=tuple(denoisers) if denoisers else None)
+  run = TrainConfig(tempfile.mkdtemp(prefix='ul2_eval_'), steps=1)  # nothing is written
   compiled = compile_run(model, OptimizerConfig(), run, mesh)
   partitioning.check_batch_size(data.batch_size, compiled.mesh)
   params = jax.device_put(params, compiled.shardings.params)
-  streams = _denoiser_validation(data, run, model.architecture, log)
-  return by_denoiser_and_mode({name: (mode, _validation_sums(compiled, params, b))
-                               for name, (mode, b) in streams.items()})
-
-
-def by_denoiser_and_mode(sums: Mapping[str, tuple[str, Mapping[str, Any]]]
-                         ) -> dict[str, dict[str, float]]:
-  """{denoiser: (mode, summed loss_sums)} -> {'denoiser/<name>' or 'mode/<mode>': metrics};
-  a mode's figures are over all its denoisers' target tokens together.
-
-  >>> sums = {'R(3,0.15)': ('[NLU]', {'cross_entropy': 6.0, 'z_loss': 0.0, 'correct': 1.0,
-  ...                                  'weight': 3.0}),
-  ...         'R(8,0.15)': ('[NLU]', {'cross_entropy': 2.0, 'z_loss': 0.0, 'correct': 0.0,
-  ...                                  'weight': 1.0})}
-  >>> out = by_denoiser_and_mode(sums)
-  >>> out['denoiser/R(3,0.15)']['loss'], out['mode/[NLU]']['loss'], out['mode/[NLU]']['accuracy']
-  (2.0, 2.0, 0.25)
-  """
-  out, modes = {}, {}
-  for name, (mode, totals) in sums.items():
-    out[f'denoiser/{name}'] = validation_metrics(totals)
-    modes[mode] = totals if mode not in modes else jax.tree.map(np.add, modes[mode], totals)
-  for mode, totals in sorted(modes.items()):
-    out[f'mode/{mode}'] = validation_metrics(totals)
-  return out
+  streams = data_lib.denoiser_validation_batches(data, batches, denoisers, model.architecture,
+                                                 log)
+  return losses.by_denoiser_and_mode({name: (mode, _validation_sums(compiled, params, b))
+                                      for name, (mode, b) in streams.items()})
 
 
 def _task_metrics(net: network.Model, params: Any, data: data_lib.DataConfig,
@@ -734,229 +596,3 @@ def _keep_best(run: TrainConfig, step: int, metrics: Mapping[str, float], params
                                    {'method': 'decode', 'mode': mode})
 
 
-class _Records:
-  """The run's record: per-step metrics with throughput, validation and task metrics, kept
-  in memory, written to TensorBoard (chief, `summaries`) and shown on a progress bar.
-
-  Step metrics stay on the device until `flush`: one device-to-host transfer per log
-  interval is the loop's only sync point. The summary files are written out at every
-  checkpoint and on exit, however the loop ends. A resumed run recomputes exactly the steps
-  after its checkpoint; those already in TensorBoard (logged before a crash) are not written
-  twice.
-  """
-
-  def __init__(self, run: TrainConfig, model: network.Config, data: data_lib.DataConfig,
-               mesh: Mesh, start: int, summaries: bool, log: Callable[[str], None]):
-    lengths = data.feature_lengths
-    self.flops = flops_lib.flops_per_step(model, data.batch_size, lengths.get('inputs', 0),
-                                          lengths['targets'])
-    self.tokens_per_step = data.batch_size * (lengths.get('inputs', 0) + lengths['targets'])
-    self.devices = mesh.devices.size
-    self.peak = run.peak_flops_per_device or flops_lib.peak_flops(mesh.devices.flat[0])
-    is_chief = jax.process_index() == 0
-    self.writers = _summary_writers(run.model_dir) if is_chief and summaries else None
-    # The last step each split's summaries hold (a resumed run's earlier life).
-    self.logged = ({split: _last_logged_step(checkpoints_lib.join(run.model_dir, split))
-                    for split in self.writers} if self.writers else {})
-    bar = run.progress_bar
-    if bar is None:
-      bar = sys.stdout.isatty() and sys.stderr.isatty()
-    self.bar = _progress_bar(run, start) if is_chief and bar else None
-    self.lines = is_chief and not bar  # plain progress lines instead of the bar
-    self.log = self.bar.write if self.bar is not None else log
-    self.total_steps, self.start_time = run.steps, time.perf_counter()
-    self.metrics_file = checkpoints_lib.join(run.model_dir, METRICS_JSONL) \
-        if is_chief and summaries else None
-    self.pending_lines: list[str] = []
-    self.history, self.eval_history, self.metrics_history = [], [], []
-    self.denoiser_history = []
-    self.pending = []
-    self.last_time, self.last_step = time.perf_counter(), start
-
-  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
-    self.pending.append((step, metrics))
-
-  def flush(self, step: int) -> list[dict[str, float]]:
-    """Fetches the pending step metrics and logs them; returns their entries."""
-    fetched = jax.device_get([m for _, m in self.pending])
-    now = time.perf_counter()
-    seconds_per_step = (now - self.last_time) / (step - self.last_step)
-    self.last_time, self.last_step = now, step
-    rates = flops_lib.throughput(self.flops, self.tokens_per_step, seconds_per_step,
-                                 self.devices, self.peak)
-    entries = []
-    for (s, _), m in zip(self.pending, fetched):
-      entries.append({'step': s, **{k: float(v) for k, v in m.items()},
-                      'tokens_per_s': rates['tokens_per_s'], 'mfu': rates['mfu']})
-      self._write('train', s, entries[-1])
-    self.history += entries
-    self.pending = []
-    if self.bar is not None and entries:
-      last = entries[-1]
-      self.bar.set_postfix(loss=f'{last["loss"]:.3f}', tok_s=f'{last["tokens_per_s"]:,.0f}',
-                           refresh=False)
-      self.bar.update(step - self.bar.n)
-    if self.lines and entries:
-      last = entries[-1]
-      eta = (self.total_steps - step) * seconds_per_step
-      self.log(f'step {step}/{self.total_steps}: loss {last["loss"]:.4f}, '
-               f'{last["tokens_per_s"]:,.0f} tokens/s, learning rate '
-               f'{last["learning_rate"]:.3g}, ETA {_duration(eta)}')
-    return entries
-
-  def persist(self, step: int) -> list[dict[str, float]]:
-    """Fetches what is pending and writes the summary files out; returns the new entries."""
-    entries = self.flush(step) if self.pending else []
-    self._write_out()
-    return entries
-
-  def _write_out(self) -> None:
-    for writer in (self.writers or {}).values():
-      writer.flush()
-    if self.metrics_file and self.pending_lines:
-      with checkpoints_lib.open_file(self.metrics_file, 'a') as f:
-        f.write(''.join(self.pending_lines))
-      self.pending_lines = []
-
-  def validation(self, step: int, result: dict[str, float]) -> None:
-    self.eval_history.append({'step': step, **result})
-    self._write('validation', step, result)
-    self.log(f'step {step}: validation loss {result["loss"]:.4f}, accuracy '
-             f'{result["accuracy"]:.3f}')
-
-  def by_denoiser(self, step: int, results: Mapping[str, Mapping[str, float]]) -> None:
-    """Per-denoiser and per-mode validation under 'denoiser/<name>/<metric>' and
-    'mode/<mode>/<metric>'."""
-    flat = {f'{group}/{k}': v for group, metrics in results.items()
-            for k, v in metrics.items() if k != 'cross_entropy'}
-    self.denoiser_history.append({'step': step, **flat})
-    self._write('validation', step, flat)
-    self.log(f'step {step}: validation loss by denoiser ' + ', '.join(
-        f'{k.split("/", 1)[1]} {v["loss"]:.3f}' for k, v in results.items()
-        if k.startswith('denoiser/')) + '; by mode ' + ', '.join(
-        f'{k.split("/", 1)[1]} {v["loss"]:.3f}' for k, v in results.items()
-        if k.startswith('mode/')))
-
-  def task_metrics(self, step: int, task: str, metrics: dict[str, float]) -> None:
-    """Task metrics under their own tags, '<task>/<metric>' (the validation loss and token
-    accuracy keep 'loss' and 'accuracy')."""
-    self.metrics_history.append({'step': step, **metrics})
-    self._write('validation', step, {k if '/' in k else f'{task}/{k}': v
-                                     for k, v in metrics.items()})
-    self.log(f'step {step}: ' + ', '.join(f'{k} {v:.2f}' for k, v in metrics.items()))
-
-  def _write(self, split: str, step: int, values: Mapping[str, float | None]) -> None:
-    """To TensorBoard and metrics.jsonl ({'split', 'step', <tag>: value}, one line each)."""
-    if self.writers is None or step <= self.logged.get(split, 0):
-      return
-    import tensorflow as tf
-    values = {k: v for k, v in values.items() if k != 'step' and v is not None}
-    with self.writers[split].as_default(step=step):
-      for name, value in values.items():
-        tf.summary.scalar(name, value)
-    self.pending_lines.append(json.dumps({'split': split, 'step': step, **values}) + '\n')
-
-  def __enter__(self) -> _Records:
-    return self
-
-  def __exit__(self, *exc) -> None:
-    if self.bar is not None:
-      self.bar.close()
-    self._write_out()
-
-
-METRICS_JSONL = 'metrics.jsonl'  # model_dir/metrics.jsonl: every value TensorBoard gets
-METRICS_PNG = 'metrics.png'
-
-
-def _duration(seconds: float) -> str:
-  """A duration for an ETA.
-
-  >>> _duration(3725), _duration(42.4), _duration(75)
-  ('1h02m', '42s', '1m15s')
-  """
-  seconds = int(round(seconds))
-  if seconds >= 3600:
-    return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m'
-  if seconds >= 60:
-    return f'{seconds // 60}m{seconds % 60:02d}s'
-  return f'{seconds}s'
-
-
-def plot_metrics(model_dir: str) -> str | None:
-  """Draws model_dir/metrics.png from metrics.jsonl: training and validation loss, and the
-  task metrics of a fine-tuning run (a second panel); returns its path (None: no metrics).
-
-  The file is the record TensorBoard also gets, so the picture needs no TensorBoard.
-  """
-  path = checkpoints_lib.join(model_dir, METRICS_JSONL)
-  if not checkpoints_lib.exists(path):
-    return None
-  with checkpoints_lib.open_file(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  series: dict[tuple[str, str], list[tuple[int, float]]] = {}
-  for row in rows:
-    for name, value in row.items():
-      if name not in ('split', 'step') and isinstance(value, (int, float)):
-        series.setdefault((row['split'], name), []).append((row['step'], value))
-  losses = {k: v for k, v in series.items() if k[1] == 'loss'}
-  modes = {k: v for k, v in series.items()
-           if k[0] == 'validation' and k[1].startswith('mode/') and k[1].endswith('/loss')}
-  tasks = {k: v for k, v in series.items() if k[0] == 'validation' and '/' in k[1]
-           and not k[1].startswith(('mode/', 'denoiser/'))}
-  if not losses:
-    return None
-  import matplotlib
-  matplotlib.use('Agg')  # files only: no display needed
-  import matplotlib.pyplot as plt
-  panels = 1 + bool(tasks) + bool(modes)
-  fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
-  for (split, _), points in sorted(losses.items()):
-    steps, values = zip(*sorted(points))
-    axes[0][0].plot(steps, values, label=f'{split} loss', marker='o' if split != 'train' else None)
-  axes[0][0].set(xlabel='step', ylabel='loss', title=os.path.basename(model_dir.rstrip('/')))
-  axes[0][0].legend()
-  panel = 1
-  for group, ylabel, title in ((modes, 'loss', 'validation loss by mode'),
-                               (tasks, 'task metric', 'validation')):
-    if not group:
-      continue
-    for (_, name), points in sorted(group.items()):
-      steps, values = zip(*sorted(points))
-      label = name.split('/')[1] if group is modes else name
-      axes[0][panel].plot(steps, values, label=label, marker='o')
-    axes[0][panel].set(xlabel='step', ylabel=ylabel, title=title)
-    axes[0][panel].legend(fontsize='small')
-    panel += 1
-  fig.tight_layout()
-  out = checkpoints_lib.join(model_dir, METRICS_PNG)
-  with checkpoints_lib.open_file(out, 'wb') as f:
-    fig.savefig(f, format='png', dpi=100)
-  plt.close(fig)
-  return out
-
-
-def _progress_bar(run: TrainConfig, start: int):
-  from tqdm import tqdm
-  return tqdm(total=run.steps, initial=start, desc='train', unit='step', dynamic_ncols=True)
-
-
-def _summary_writers(model_dir: str) -> dict[str, Any]:
-  import tensorflow as tf
-  return {split: tf.summary.create_file_writer(checkpoints_lib.join(model_dir, split))
-          for split in ('train', 'validation')}
-
-
-def _last_logged_step(directory: str) -> int:
-  """The largest step of any scalar in the TensorBoard event files of `directory` (0: none)."""
-  import tensorflow as tf
-  last = 0
-  for path in tf.io.gfile.glob(checkpoints_lib.join(directory, 'events.out.tfevents.*')):
-    try:
-      for record in tf.data.TFRecordDataset(path):
-        event = tf.compat.v1.Event.FromString(record.numpy())
-        if event.summary.value:
-          last = max(last, event.step)
-    except tf.errors.DataLossError:  # a file cut short by a kill: what was read counts
-      pass
-  return last
