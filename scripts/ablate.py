@@ -2,6 +2,7 @@
 each measured on per-denoiser validation, fine-tuned on SuperGLUE and asked to generate.
 
     python scripts/ablate.py --output runs/ablation                     # ul2_cpu scale, CPU
+    python scripts/ablate.py --output runs/ablation_tiny --preset tiny  # the grid in minutes
     python scripts/ablate.py --output /ckpt/ablation_base --model base \\
         --decoder_only_model decoder_only_base --tokens 2000000000 --inputs_length 512 \\
         --targets_length 512 --batch_size 128 --finetune_steps 2000 --seeds 0,1,2
@@ -36,6 +37,15 @@ import gin_cli  # noqa: E402
 
 OBJECTIVES = ('t5_span_corruption', 'prefix_lm', 'causal_lm', 'ul2_mod', 'ul2r')
 FINETUNE_TASKS = ('cb', 'copa', 'rte')
+# --preset: defaults for every flag it names (flags given still win). 'tiny': the whole grid
+# on the smoke run's model size, to see it run (its numbers mean nothing).
+PRESETS = {
+    'tiny': dict(model='tiny', decoder_only_model='decoder_only_tiny', tokens=8 * 64 * 10,
+                 inputs_length=32, targets_length=32, batch_size=8, finetune_tasks='cb',
+                 finetune_steps=5, finetune_batch_size=8, finetune_inputs_length=128,
+                 metrics_examples=8, denoiser_batches=1, generation_examples=4,
+                 generation_length=8),
+}
 
 
 def parse_args(argv):
@@ -69,9 +79,14 @@ def parse_args(argv):
   p.add_argument('--few_shot', type=int, default=1, help='shots for the generation task')
   p.add_argument('--generation_examples', type=int, default=32, help='generated examples')
   p.add_argument('--generation_length', type=int, default=32, help='tokens generated at most')
+  p.add_argument('--preset', choices=sorted(PRESETS),
+                 help='defaults for a budget: tiny = the tiny model, 10 steps per run')
   gin_cli.add_module_flag(p)
   gin_cli.add_memory_flag(p)
   args = p.parse_args(rest)
+  if args.preset:
+    p.set_defaults(**PRESETS[args.preset])
+    args = p.parse_args(rest)
   args.bindings = bindings
   return args
 

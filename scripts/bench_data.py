@@ -133,6 +133,8 @@ def main():
                       help='the task it is compared with, in the same run')
   gin_cli.add_module_flag(parser)
   args = parser.parse_args()
+  from ul2 import data
+  data.hide_accelerators_from_tensorflow()  # TensorFlow loads quietly (and off the GPUs)
   import ul2_tasks  # noqa: F401  (registers the tasks; after --help, which needs no TensorFlow)
   gin_cli.import_modules(args.module)
   lengths = {'inputs': args.inputs_length, 'targets': args.targets_length}

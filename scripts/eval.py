@@ -87,11 +87,37 @@ def generation(args) -> tuple[list[dict], float]:
   if args.output:
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, 'generation.md'), 'w') as f:
-      f.write(f'# Generation: {args.checkpoint}\n\n{table}\n')
+      f.write(f'# Generation: {args.checkpoint}\n\n{table}\n' + samples_markdown(results))
     with open(os.path.join(args.output, 'generation.json'), 'w') as f:
       json.dump({'checkpoint': args.checkpoint, 'results': results, 'average': average}, f,
                 indent=1)
   return results, average
+
+
+def no_label_share(task: str, method: str, predictions) -> float | None:
+  """The share of decoded predictions that are no label of a classification task (their
+  postprocessed class is -1); None for ranking, ReCoRD and WSC (whose answers are text).
+
+  >>> no_label_share('cb', 'decode', [0, -1, 2, -1])
+  0.5
+  """
+  if method != 'decode' or task in ('record', 'wsc') or not predictions:
+    return None
+  return sum(1 for p in predictions if p == -1) / len(predictions)
+
+
+def samples_markdown(results) -> str:
+  """generation.md's samples: each task's first generations beside their targets (sentinel
+  markers dropped; generation.json keeps the raw text)."""
+  out = []
+  for r in results:
+    out.append(f'\n## {r["task"]}: samples\n')
+    for i, sample in enumerate(r['samples'], 1):
+      shown = lambda text: vocabulary.without_sentinels(str(text)).replace('\n', ' ')
+      out.append(f'{i}. **input** ...{shown(sample["input"])[-300:]}\n'
+                 f'   **generated** {shown(sample["prediction"])}\n'
+                 f'   **target** {shown(sample["target"])}\n')
+  return '\n'.join(out)
 
 
 def by_denoiser(args) -> dict:
@@ -253,10 +279,16 @@ def main(argv=None):
       failed.append((task, message))
       continue
     outputs[task] = r
+    no_label = no_label_share(task, method, r.predictions)
     results.append({'task': task, 'split': split, 'examples': r.examples, 'method': method,
                     'few_shot': args.few_shot, 'metrics': r.metrics,
                     'score': evaluation.task_score(r.metrics) if r.metrics else float('nan'),
-                    'in_average': task not in ('axb', 'axg') and bool(r.metrics)})
+                    'in_average': task not in ('axb', 'axg') and bool(r.metrics),
+                    'no_label_share': no_label})
+    if no_label is not None and no_label > 0.5:
+      print(f'note: {task}: {no_label:.0%} of the decoded predictions are no label of the task '
+            '(the metrics count them as T5 does); --method rank scores the labels instead.',
+            flush=True)
   scored = [r['score'] for r in results if r['in_average']]
   average = sum(scored) / len(scored) if scored else float('nan')
   table = results_table(results, average, failed)

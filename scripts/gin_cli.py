@@ -15,12 +15,27 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from typing import Any, Sequence
 
 import gin
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_DIR = os.path.join(REPO, 'gin_configs')
+
+_format_warning = warnings.formatwarning
+
+
+def _note(message, category, filename, lineno, line=None) -> str:
+  """The project's own warnings (a setting worth knowing about, not a fault) as one plain
+  line; other libraries' keep Python's format with their source line."""
+  if issubclass(category, UserWarning) and os.path.basename(os.path.dirname(
+      os.path.abspath(filename))) in ('ul2', 'tasks', 'ul2_tasks'):
+    return f'note: {message}\n'
+  return _format_warning(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _note
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
@@ -348,12 +363,33 @@ def _explain(error: Exception, bindings: Sequence[str]) -> str:
       else str(error).strip().splitlines()[0]
   required = re.match(r'(\w+)/macro\.value set to `%gin\.REQUIRED`', text)
   if not required:
-    return text
+    return text + _did_you_mean(text)
   name = required.group(1)
   given = [b.split('=', 1)[0].strip() for b in bindings]
   close = difflib.get_close_matches(name, given, n=1)
   return (f'the macro {name} is required: pass --gin.{name}=...'
           + (f' (you set {close[0]}: a typo?)' if close else ''))
+
+
+def _did_you_mean(message: str) -> str:
+  """' Did you mean ...?' for gin's unknown parameter or configurable ('' when nothing is
+  close): the parameters of that configurable, or the configurables gin knows."""
+  import inspect
+  registry = gin.config._REGISTRY  # pylint: disable=protected-access
+  parameter = re.search(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'",
+                        message)
+  if parameter:
+    match = registry.get_match(parameter.group(1))
+    names = list(inspect.signature(match.wrapped).parameters) if match else []
+    near = difflib.get_close_matches(parameter.group(2), names, n=2)
+  else:
+    unknown = re.search(r"No configurable matching '([\w.]+)'", message)
+    if not unknown:
+      return ''
+    known = {'.'.join(selector.split('.')[-2:]) for selector, _ in registry.items()
+             if not selector.startswith('gin.')}  # as gin files name them: train.TrainConfig
+    near = difflib.get_close_matches(unknown.group(1), sorted(known), n=2)
+  return f" Did you mean {' or '.join(near)}?" if near else ''
 
 
 def _macro_references(value: Any, out: set[str]) -> set[str]:

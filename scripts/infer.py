@@ -80,6 +80,8 @@ def parse_args(argv):
   gin_cli.add_memory_flag(parser)
   gin_cli.add_distributed_flags(parser)
   parser.add_argument('--score', default=None, help='print log p(SCORE | input) instead')
+  parser.add_argument('--raw', action='store_true',
+                      help='show generated sentinels (<extra_id_N>); default: dropped')
   args = parser.parse_args(rest)
   if args.input_file and not args.output_file:
     parser.error('--input_file needs --output_file')
@@ -140,7 +142,8 @@ def main(argv=None, out=sys.stdout):
   def text_of(ids):
     ids = [int(i) for i in np.asarray(ids)]
     ids = ids[:ids.index(network.EOS_ID)] if network.EOS_ID in ids else ids
-    return vocabulary.render([i for i in ids if i], vocab)
+    text = vocabulary.render([i for i in ids if i], vocab)
+    return text if args.raw else vocabulary.without_sentinels(text)
 
   if records is None:  # one input
     inputs = decoder.place_batch([encode(vocabulary.with_mode(args.input, mode),
@@ -149,7 +152,8 @@ def main(argv=None, out=sys.stdout):
       targets = decoder.place_batch([encode(args.score)])
       value = float(decoder.score(params, inputs, targets)[0])
       if write:
-        print(f'{value:.4f}', file=out)
+        print(f'log p(target | input) = {value:.4f} nats (natural log, summed over the '
+              f'{len(encode(args.score))} target tokens, EOS included)', file=out)
       return value
     text = text_of(decoder.generate(params, inputs)[0])
     if write:
@@ -165,6 +169,7 @@ def main(argv=None, out=sys.stdout):
   width = max(len(i) for i in inputs)
   target_width = max(len(t) for t in targets) if targets else 0
   start, produced, rows = time.perf_counter(), 0, []
+  first_batch = None  # (seconds, tokens) of the first batch, which compiles
   bar = tqdm(total=len(records), unit='input', disable=not (write and sys.stderr.isatty()))
   for first in range(0, len(records), batch_size):
     chunk = list(range(first, min(first + batch_size, len(records))))
@@ -180,6 +185,8 @@ def main(argv=None, out=sys.stdout):
       for j, i in enumerate(chunk):
         rows.append({'input': records[i]['input'], 'output': text_of(generated[j])})
         produced += int((generated[j] > 0).sum())
+    if first_batch is None:
+      first_batch = (time.perf_counter() - start, produced)
     bar.update(len(chunk))
   bar.close()
   seconds = time.perf_counter() - start
@@ -187,9 +194,12 @@ def main(argv=None, out=sys.stdout):
     with open(args.output_file, 'w', encoding='utf-8') as f:
       f.write(''.join(json.dumps(row, ensure_ascii=False) + '\n' for row in rows))
     what = 'target tokens scored' if targets else f'tokens generated ({config.method})'
+    after = seconds - first_batch[0]
+    rate = (f'{(produced - first_batch[1]) / after:,.0f} tokens/s after the first batch' if after
+            > 0 and len(rows) > batch_size else 'one batch: its time includes compilation')
     print(f'{len(rows)} inputs -> {args.output_file}: {produced:,} {what} in {seconds:.1f} s '
-          f'({produced / seconds:,.0f} tokens/s, batch {batch_size}, mesh '
-          f'{dict(decoder.mesh.shape)})', file=out)
+          f'({rate}; compiling and the first batch {first_batch[0]:.1f} s; batch '
+          f'{batch_size}, mesh {dict(decoder.mesh.shape)})', file=out)
   return rows
 
 

@@ -55,6 +55,8 @@ def parse_args(argv):
 
 def main(argv=None, out=sys.stdout, err=sys.stderr):
   args = parse_args(argv)
+  from ul2 import data
+  data.hide_accelerators_from_tensorflow()  # TensorFlow loads quietly (and off the GPUs)
   import seqio
   import ul2_tasks  # noqa: F401  (registers the tasks)
   from ul2_tasks import pretrain
@@ -62,7 +64,6 @@ def main(argv=None, out=sys.stdout, err=sys.stderr):
   gin_cli.import_modules(args.module)
   if args.gutenberg_dir:
     pretrain.register_gutenberg(args.gutenberg_dir)
-  from ul2 import data
   try:
     task = data.check_task(args.task)
   except (ValueError, FileNotFoundError) as e:

@@ -37,6 +37,23 @@ def parse_args(argv):
   return gin_files, bindings, args
 
 
+def check_machine(gin_files, devices) -> None:
+  """A recipe written for TPU slices (TPU_SLICE) or GPU hosts (GPUS_PER_HOST) stops at once
+  on another machine, saying so, before it builds inputs or compiles anything."""
+  platform = devices[0].platform
+  here = f'this machine has {len(devices)} {platform.upper()} device(s)'
+  files = ', '.join(gin_files)
+  if gin_cli.has_macro('TPU_SLICE') and gin_cli.macro('TPU_SLICE') and platform != 'tpu':
+    raise SystemExit(f"error: {files} is a recipe for a TPU {gin_cli.macro('TPU_SLICE')} slice "
+                     f'(TPU_SLICE) and {here}: launch it there (docs/pods.md); check that it '
+                     'fits with scripts/compile_tpu.py; try the pipeline here with bash '
+                     'scripts/smoke.sh; or pass --gin.TPU_SLICE=None to run it here anyway.')
+  if gin_cli.has_macro('GPUS_PER_HOST') and gin_cli.macro('GPUS_PER_HOST') and platform != 'gpu':
+    raise SystemExit(f"error: {files} is a recipe for hosts of {gin_cli.macro('GPUS_PER_HOST')} "
+                     f'GPUs (GPUS_PER_HOST) and {here}: try the pipeline here with bash '
+                     'scripts/smoke.sh, or pass --gin.GPUS_PER_HOST=None to run it here anyway.')
+
+
 def main(argv=None):
   gin_files, bindings, args = parse_args(sys.argv[1:] if argv is None else argv)
   gin_cli.initialize_distributed(args)
@@ -49,7 +66,9 @@ def main(argv=None):
   from ul2 import train as train_lib
 
   gin_cli.import_modules(args.module)
-  gin_cli.parse(gin_files, bindings, read_by_script=('MIXTURE_OR_TASK_MODULE',))
+  gin_cli.parse(gin_files, bindings, read_by_script=('MIXTURE_OR_TASK_MODULE', 'TPU_SLICE',
+                                                     'GPUS_PER_HOST'))
+  check_machine(gin_files, jax.devices())
   if gin_cli.has_macro('MIXTURE_OR_TASK_MODULE'):  # T5X's way to name the tasks' module
     gin_cli.import_modules([gin_cli.macro('MIXTURE_OR_TASK_MODULE')])
   model_dir = gin_cli.macro('MODEL_DIR')

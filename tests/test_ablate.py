@@ -58,3 +58,14 @@ def test_summary_gives_mean_and_standard_deviation_over_seeds():
   assert rows[0]['cb']['mean'] == 60.0 and rows[0]['seeds'] == 2
   assert '| decoder_only | ul2_mod | 2 | 4.500 ± 0.707 | 60.0 ± 14.1 | 60.0 ± 14.1 | 10.0 ± 0.0 |' \
       in table
+
+
+def test_the_tiny_preset_sets_defaults_that_given_flags_override():
+  import ablate
+  args = ablate.parse_args(['--output', '/tmp/unused', '--preset', 'tiny', '--seeds', '0,1,2',
+                            '--finetune_steps', '7'])
+  assert (args.model, args.decoder_only_model, args.inputs_length, args.batch_size) == (
+      'tiny', 'decoder_only_tiny', 32, 8)
+  assert args.tokens == 10 * 8 * (32 + 32)  # 10 pretraining steps a run
+  assert (args.seeds, args.finetune_steps) == ('0,1,2', 7)  # given flags win
+  assert ablate.parse_args(['--output', '/tmp/unused']).model == 'ul2_cpu'  # no preset: as was

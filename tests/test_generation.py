@@ -78,6 +78,12 @@ def test_eval_cli_scores_generation_with_rouge(tmp_path):
   assert again == pytest.approx(r['metrics'])
   saved = json.loads((tmp_path / 'eval' / 'generation.json').read_text())
   assert saved['results'][0]['metrics'] == r['metrics']
+  # generation.md shows the samples people read: each generation beside its target.
+  page = (tmp_path / 'eval' / 'generation.md').read_text()
+  assert '## gen_gutenberg_continuation: samples' in page and page.count('**generated**') == 5
+  for s in samples:
+    assert vocabulary.without_sentinels(s['target']).replace('\n', ' ') in page
+  assert '<extra_id_' not in page
 
 
 def test_docstring_examples():

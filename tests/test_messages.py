@@ -27,6 +27,14 @@ def test_c4_that_is_not_prepared_says_how_to_prepare_it(tmp_path, monkeypatch):
     data_lib.check_task('ul2_mod_c4')
 
 
+def user_env(**extra):
+  """The environment a newcomer runs the scripts in: none of the suite's settings (8
+  simulated devices, TensorFlow's log level, hidden GPUs), JAX on the CPU."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('XLA_FLAGS', 'TF_CPP_MIN_LOG_LEVEL', 'CUDA_VISIBLE_DEVICES')}
+  return {**env, 'JAX_PLATFORMS': 'cpu', **extra}
+
+
 def run_script(name, *args, block=(), cwd=None):
   """scripts/<name>.py in a subprocess -> (the completed process, the modules it imported of
   jax and tensorflow); `block`: modules made unimportable, as if not installed."""
@@ -134,8 +142,9 @@ def test_lengths_too_short_for_a_denoisers_mean_span_are_said(recwarn):
   vocab = vocabulary.get_vocabulary()
   denoisers.plan_chunks(mixture, {'inputs': 128, 'targets': 128}, vocab)
   messages = [str(w.message) for w in recwarn.list if w.category is UserWarning]
-  assert any(m.startswith("Feature lengths {'inputs': 128, 'targets': 128} are too short for "
-                          'denoiser X(64,0.15) to keep its mean span of 64') for m in messages)
+  assert messages == ["Feature lengths {'inputs': 128, 'targets': 128} are too short for the "
+                      'mean spans of X(64,0.15) (144-token chunks, spans of 22.0 tokens instead '
+                      'of 64); UL2 uses 512/512.']
   assert not any('R(3,0.15)' in m for m in messages)  # R keeps its 3-token spans
 
 
@@ -149,3 +158,58 @@ def test_train_script_reports_a_user_error_in_one_line(tmp_path):
   assert done.returncode == 1 and 'Traceback' not in done.stderr, done.stderr[-2000:]
   assert done.stderr.strip().splitlines()[-1].startswith(
       "error: Unknown task or mixture 'no_such_task' (DataConfig.task / MIXTURE_OR_TASK_NAME)")
+
+
+@pytest.mark.slow
+def test_the_smoke_command_runs_the_pipeline_with_at_most_one_note(tmp_path):
+  """scripts/smoke.sh as a newcomer runs it: pretraining, fine-tuning and evaluation end to
+  end, and with the settings it ships nothing on the terminal but progress, results and at
+  most one plain note (no warnings with source lines, no TensorFlow start-up lines)."""
+  env = user_env(UL2_SKIP_INSTALL='1', UL2_SMOKE_DIR=str(tmp_path), UL2_VENV=sys.prefix)
+  done = subprocess.run(['bash', os.path.join(SCRIPTS, 'smoke.sh')], capture_output=True,
+                        text=True, timeout=1200, env=env)
+  output = done.stdout + done.stderr
+  assert done.returncode == 0, output[-4000:]
+  for stage in ('== 1/3 pretraining', '== 2/3 fine-tuning', '== 3/3 evaluating'):
+    assert stage in done.stdout
+  results = __import__('json').loads((tmp_path / 'smoke_cb' / 'eval' / 'results.json')
+                                     .read_text())
+  assert 'cb' in str(results)
+  assert (tmp_path / 'smoke' / 'metrics.png').exists()
+  lines = output.splitlines()
+  assert not [l for l in lines if 'Warning' in l or 'WARNING' in l or 'I0000' in l
+              or 'E0000' in l or 'Traceback' in l], output[-4000:]
+  assert len([l for l in lines if l.startswith('note:')]) <= 1, output[-4000:]
+
+
+def test_misspelt_task_names_and_gin_parameters_get_a_did_you_mean():
+  import ul2_tasks  # noqa: F401  (registers the tasks)
+  import gin_cli
+  with pytest.raises(ValueError, match=r"^Unknown task or mixture 'ul2_mod_gutenbreg' "
+                     r"\(DataConfig.task / MIXTURE_OR_TASK_NAME\). Did you mean "
+                     r"'ul2_mod_gutenberg'\?$"):
+    data_lib.check_task('ul2_mod_gutenbreg')
+  required = ["MIXTURE_OR_TASK_NAME='ul2_mod_gutenberg'", 'TRAIN_STEPS=1', "MODEL_DIR='/x'",
+              "TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 64}"]
+  for binding, said in (
+      ('train.TrainConfig.eval_batchs=2', "error: gin: Configurable 'train.TrainConfig' "
+       "doesn't have a parameter named 'eval_batchs'. Did you mean eval_batches or "
+       'denoiser_eval_batches?'),
+      ('trian.TrainConfig.steps=3', "error: gin: No configurable matching "
+       "'trian.TrainConfig'. Did you mean train.TrainConfig?")):
+    with pytest.raises(SystemExit) as e:
+      gin_cli.parse(['models/tiny.gin', 'runs/pretrain.gin'], [binding, *required])
+    assert str(e.value) == said
+
+
+def test_a_recipe_for_other_machines_says_so_first(tmp_path):
+  for recipe, said in (('experiments/t5_1_1_base_8gpu.gin', 'is a recipe for hosts of 8 GPUs '
+                        '(GPUS_PER_HOST) and this machine has 1 CPU device(s)'),
+                       ('experiments/ul2_20b_tpu_v4.gin', 'is a recipe for a TPU v4-512 slice '
+                        '(TPU_SLICE) and this machine has 1 CPU device(s)')):
+    done = subprocess.run([sys.executable, os.path.join(SCRIPTS, 'train.py'),
+                           f'--gin_file={recipe}', f"--gin.MODEL_DIR='{tmp_path}'"],
+                          capture_output=True, text=True, timeout=300, env=user_env())
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.strip().startswith(f'error: {recipe} {said}'), done.stderr[-2000:]
+    assert not os.listdir(tmp_path)  # nothing written, nothing built

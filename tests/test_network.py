@@ -564,7 +564,8 @@ def test_config_errors_name_the_setting(overrides, message):
 def test_mesh_errors_say_how_to_fix():
   with pytest.raises(ValueError, match='needs 6 devices but 8 are available'):
     partitioning.make_mesh(partitioning.MeshConfig(data=3, model=2))
-  with pytest.raises(ValueError, match='does not divide the 8 devices'):
+  with pytest.raises(ValueError, match=r'^MODEL_PARALLEL=3 \(MeshConfig.model\) does not '
+                     'divide the 8 devices; set MODEL_PARALLEL to a divisor of 8'):
     partitioning.make_mesh(partitioning.MeshConfig(data=-1, model=3))
 
 

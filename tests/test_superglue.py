@@ -327,8 +327,9 @@ def test_infer_cli_generates_and_scores(tmp_path, one_step_model):
   text = infer_script.main(['--checkpoint', str(one_step_model), '--input', 'Hello there',
                             '--mode', '[S2S]', '--max_length', '5'], out=out)
   assert out.getvalue().strip() == text
+  said = io.StringIO()
   value = infer_script.main(['--checkpoint', str(one_step_model), '--input', 'Hello there',
-                             '--score', 'General Kenobi'], out=io.StringIO())
+                             '--score', 'General Kenobi'], out=said)
   vocab = vocabulary.get_vocabulary()
   params, _ = checkpoints.load(str(one_step_model), TINY)
   expected = decoding.score(network.Transformer(TINY), params,
@@ -338,6 +339,9 @@ def test_infer_cli_generates_and_scores(tmp_path, one_step_model):
   for method in ('beam', 'sample'):
     infer_script.main(['--checkpoint', str(one_step_model), '--input', 'Hi',
                        '--decode', method, '--max_length', '4'], out=io.StringIO())
+  n = len(vocab.encode('General Kenobi')) + 1
+  assert said.getvalue() == (f'log p(target | input) = {value:.4f} nats (natural log, summed '
+                             f'over the {n} target tokens, EOS included)\n')
 
 
 def test_eval_and_infer_leave_the_accelerators_to_jax():
@@ -660,7 +664,7 @@ def test_infer_cli_over_files_equals_one_input_at_a_time(tmp_path, one_step_mode
                             '--max_length', '6', '--mode', '[S2S]'], out=out)
   written = [json.loads(line) for line in (tmp_path / 'out.jsonl').read_text().splitlines()]
   assert written == rows and [r['input'] for r in rows] == texts
-  assert 'tokens/s' in out.getvalue() and '5 inputs' in out.getvalue()
+  assert 'tokens/s after the first batch' in out.getvalue() and '5 inputs' in out.getvalue()
   for row in rows:
     single = infer_script.main(['--checkpoint', checkpoint, '--input', row['input'],
                                 '--max_length', '6', '--mode', '[S2S]'], out=io.StringIO())
@@ -684,3 +688,13 @@ def test_infer_cli_over_files_equals_one_input_at_a_time(tmp_path, one_step_mode
     infer_script.main(['--checkpoint', checkpoint, '--input_file',
                        str(tmp_path / 'latin1.txt'), '--output_file', str(tmp_path / 'x.jsonl')],
                       out=io.StringIO())
+
+
+def test_eval_counts_decoded_predictions_that_are_no_label():
+  import doctest
+  import eval as eval_script
+  assert eval_script.no_label_share('rte', 'decode', [1, -1, -1, -1]) == 0.75
+  assert eval_script.no_label_share('rte', 'rank', [1, 0]) is None  # ranking picks a label
+  assert eval_script.no_label_share('record', 'decode', ['Paris']) is None
+  result = doctest.testmod(eval_script)
+  assert result.attempted > 0 and result.failed == 0

@@ -107,12 +107,12 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
                      '(data may be -1 for "all remaining devices").')
   if data == -1:
     if n % model:
-      raise ValueError(f'MeshConfig.model={model} does not divide the {n} devices; set it '
-                       f'to a divisor of {n}.')
+      raise ValueError(f'MODEL_PARALLEL={model} (MeshConfig.model) does not divide the {n} '
+                       f'devices; set MODEL_PARALLEL to a divisor of {n}.')
     data = n // model
   if data * model != n:
     raise ValueError(f'MeshConfig(data={data}, model={model}) needs {data * model} devices but '
-                     f'{n} are available; set data * model = {n} (or data = -1).')
+                     f'{n} are available; set data * MODEL_PARALLEL = {n} (or data = -1).')
   if devices[0].platform != 'tpu':
     return Mesh(np.asarray(devices).reshape(data, model), ('data', 'model'))
   return Mesh(_tpu_device_grid(devices, data, model), ('data', 'model'))

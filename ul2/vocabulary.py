@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 if TYPE_CHECKING:  # seqio (and TensorFlow) load with the first vocabulary, not with this module
@@ -126,3 +127,13 @@ def render(ids: Sequence[int], vocabulary: seqio.Vocabulary,
       run.append(i)
   flush()
   return ' '.join(w for w in words if w)
+
+
+def without_sentinels(text: str) -> str:
+  """Generated text for people: sentinel markers (as `render` and the vocabulary's decode
+  write them) dropped and the spacing around them closed up.
+
+  >>> without_sentinels('<extra_id_0> the cat <extra_id_1> sat.<extra_id_2>')
+  'the cat sat.'
+  """
+  return ' '.join(re.sub(r'<extra_id_\d+>', ' ', text).split())
