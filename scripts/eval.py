@@ -16,7 +16,7 @@ Generation (`ul2_tasks.generation`): `--generation gen_gutenberg_continuation` (
 registered with `generation.register_generation`, e.g. the paper's one-shot XSum) decodes each
 input after `--few_shot` K training records and scores ROUGE-1/2/L (Google's rouge-score).
 
-    python scripts/eval.py --checkpoint runs/quickstart --generation gen_gutenberg_continuation \
+    python scripts/eval.py --checkpoint runs/quickstart --generation gen_gutenberg_continuation \\
         --few_shot 1 --inputs_length 256 --targets_length 48 --max_examples 100
 
 Per-denoiser validation of a pretrained model (what training reports at each validation):
@@ -24,7 +24,7 @@ Per-denoiser validation of a pretrained model (what training reports at each val
 that task's corpus, one per UL2 denoiser, and per mode ([NLU], [S2S], [NLG]), instead of
 SuperGLUE; `--denoiser_batches` batches of `--batch_size` each.
 
-    python scripts/eval.py --checkpoint runs/quickstart --by_denoiser ul2_mod_gutenberg \
+    python scripts/eval.py --checkpoint runs/quickstart --by_denoiser ul2_mod_gutenberg \\
         --inputs_length 128 --targets_length 128 --batch_size 16
 
 Leaderboard files: `--split test --submission DIR` writes DIR/<Task>.jsonl (AX-b and AX-g

@@ -11,9 +11,9 @@ the target tokens, EOS included) instead of generating.
 
 Over a file, batched (a progress bar on a terminal, a throughput line at the end):
 
-    python scripts/infer.py --checkpoint runs/quickstart --input_file prompts.txt \
+    python scripts/infer.py --checkpoint runs/quickstart --input_file prompts.txt \\
         --output_file out.jsonl --mode '[S2S]' --decode beam --batch_size 32
-    python scripts/infer.py --checkpoint runs/quickstart --input_file pairs.jsonl --score_file \
+    python scripts/infer.py --checkpoint runs/quickstart --input_file pairs.jsonl --score_file \\
         --output_file scores.jsonl      # {"input": ..., "target": ...} per line
 
 `prompts.txt`: one input per line (or `.jsonl` with an "input" field, `--input_key`);

@@ -113,3 +113,17 @@ def test_every_flag_shown_is_a_flag_of_its_script():
   wrong = sorted({(page, f'scripts/{name}.py {flag}') for page, name, flag in shown_flags()
                   if flag.split('.')[0] not in flags[name]})
   assert not wrong, wrong
+
+
+@pytest.mark.parametrize('name', SCRIPT_NAMES)
+def test_help_texts_keep_their_line_continuations(name):
+  """A lone backslash at the end of a line of a (non-raw) docstring joins the lines, so the
+  --help example would lose its continuation: they are written `\\\\`."""
+  source = open(os.path.join(SCRIPTS, name + '.py'), encoding='utf-8').read()
+  doc = source[source.index('"""') + 3:]
+  doc = doc[:doc.index('"""')]
+  lone = [line for line in doc.splitlines() if re.search(r'(?<!\\)\\$', line)]
+  assert not lone, lone
+  for line in doc.splitlines():
+    if line.endswith('\\\\'):
+      assert line[:-1].rstrip('\\') in (ast.get_docstring(ast.parse(source), clean=False) or '')
