@@ -44,10 +44,24 @@ from ul2 import vocabulary  # noqa: E402  (light: the mode tokens for --help)
 
 
 def results_table(results, average, failed=()) -> str:
+  """The results as a markdown table; a decoded task whose predictions are partly no label
+  says what share in its method cell.
+
+  >>> print(results_table([{'task': 'cb', 'split': 'validation', 'examples': 56,
+  ...                       'method': 'decode', 'metrics': {'accuracy': 50.0}, 'score': 50.0,
+  ...                       'in_average': True, 'no_label_share': 0.25}], 50.0), end='')
+  | task | split | examples | method | metrics | score |
+  |---|---|---:|---|---|---:|
+  | cb | validation | 56 | decode, 25% no label | accuracy 50.0 | 50.0 |
+  | **average** (1 task) | | | | | **50.0** |
+  """
   lines = ['| task | split | examples | method | metrics | score |', '|---|---|---:|---|---|---:|']
   for r in results:
     metrics = ', '.join(f'{k} {v:.1f}' for k, v in r['metrics'].items())
-    lines.append(f'| {r["task"]} | {r["split"]} | {r["examples"]} | {r["method"]} | {metrics} | '
+    method = r['method']
+    if r.get('no_label_share'):  # decoded predictions that are no label: counted as T5 does
+      method += f', {r["no_label_share"]:.0%} no label'
+    lines.append(f'| {r["task"]} | {r["split"]} | {r["examples"]} | {method} | {metrics} | '
                  f'{r["score"]:.1f} |')
   counted = len([r for r in results if r['in_average']])
   lines.append(f'| **average** ({counted} task{"" if counted == 1 else "s"}) | | | | | '

@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import tempfile
+import tokenize
 import warnings
 from typing import Any, Sequence
 
@@ -85,8 +86,28 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = (),
       continue
     resolved.append(path if os.path.dirname(os.path.abspath(path)) == GIN_DIR
                     or os.path.abspath(path).startswith(GIN_DIR + os.sep) else _with_imports(path))
+  for binding in bindings:  # a value gin cannot parse: usually an unquoted string
+    name, _, value = binding.partition('=')
+    try:
+      gin.config_parser.ConfigParser(value, _ParseOnly()).parse_value()
+    except (SyntaxError, ValueError):
+      raise SystemExit(f'error: gin: --gin.{binding}: {value!r} is not a gin value; a string '
+                       f'is quoted inside the flag: --gin.{name.strip()}="\'{value.strip()}\'"'
+                       ) from None
   try:
     gin.parse_config_files_and_bindings(resolved, list(bindings))
+  except SyntaxError as e:  # in a gin file (or a binding): its file and line, in one line
+    where, line = e.filename or 'the --gin bindings', e.lineno
+    if where in _COPIES:
+      where, at, added = _COPIES[where]
+      line = line - added if line and line > at else line
+    for original, copy in zip(gin_files, resolved):
+      where = original if where == copy else where
+    raise SystemExit(f'error: gin: {where}:{line}: {e.msg}'
+                     + (f' in {e.text.strip()!r}' if e.text and e.text.strip() else '')) from None
+  except tokenize.TokenError:  # an unclosed bracket or string runs to the end of the input
+    raise SystemExit(f'error: gin: {", ".join(gin_files) or "the --gin bindings"}: a bracket '
+                     'or string opened and never closed.') from None
   except (ValueError, NameError, AttributeError, ImportError) as e:
     message = _explain(e, bindings)
     for original, copy in zip(gin_files, resolved):
@@ -124,7 +145,14 @@ def _with_imports(path: str) -> str:
   at = registration[0] + 1 if registration else 0
   added = ([] if registration else ['from __gin__ import dynamic_registration\n']) + [
       f'from ul2 import {m}\n' for m in missing]
-  return _write_temporary(path, ''.join(lines[:at] + added + lines[at:]))
+  copy = _write_temporary(path, ''.join(lines[:at] + added + lines[at:]))
+  _COPIES[copy] = (path, at, len(added))
+  return copy
+
+
+# A temporary copy of a user's gin file -> (that file, the line imports were inserted at, how
+# many): gin's syntax errors then name the user's file and line, not the copy's.
+_COPIES: dict[str, tuple[str, int, int]] = {}
 
 
 def _write_temporary(path: str, text: str) -> str:
@@ -297,6 +325,8 @@ def import_modules(names: Sequence[str]) -> None:
     except ImportError as e:
       raise SystemExit(f'error: --module {name}: cannot import it ({e}); put the folder that '
                        'holds it on PYTHONPATH or run from there.') from None
+    except SyntaxError as e:  # the user's own module: where, not a traceback
+      raise SystemExit(f'error: --module {name}: {e.msg} at {e.filename}:{e.lineno}.') from None
 
 
 def add_module_flag(parser: argparse.ArgumentParser) -> None:

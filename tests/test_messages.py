@@ -213,3 +213,34 @@ def test_a_recipe_for_other_machines_says_so_first(tmp_path):
     assert done.returncode == 1, done.stderr[-2000:]
     assert done.stderr.strip().startswith(f'error: {recipe} {said}'), done.stderr[-2000:]
     assert not os.listdir(tmp_path)  # nothing written, nothing built
+
+
+def test_gin_syntax_mistakes_name_the_users_file_and_line(tmp_path):
+  """A user's gin file is read through a copy with the project's imports added: its syntax
+  errors still name the user's file and line; an unquoted string flag says how to quote it."""
+  import gin_cli
+  cases = [
+      ("include 'models/tiny.gin'\ntrain.TrainConfig.log_every = = 7\n", [],
+       "error: gin: {path}:2: Unable to parse value. in 'train.TrainConfig.log_every = = 7'"),
+      ("include 'models/tiny.gin'\nnetwork.Config.emb_dim = (\n", [],
+       'error: gin: {path}: a bracket or string opened and never closed.'),
+      ("include 'models/tiny.gin'\n", ['MODEL_DIR=/ckpt/run'],
+       'error: gin: --gin.MODEL_DIR=/ckpt/run: \'/ckpt/run\' is not a gin value; a string is '
+       'quoted inside the flag: --gin.MODEL_DIR="\'/ckpt/run\'"'),
+  ]
+  for text, bindings, said in cases:
+    path = tmp_path / 'mine.gin'
+    path.write_text(text)
+    with pytest.raises(SystemExit) as e:
+      gin_cli.parse([str(path)], bindings)
+    assert str(e.value) == said.format(path=path)
+
+
+def test_a_task_module_with_a_syntax_error_is_one_line(tmp_path, monkeypatch):
+  import gin_cli
+  (tmp_path / 'broken_tasks.py').write_text('import seqio\ndef f(:\n  pass\n')
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(SystemExit) as e:
+    gin_cli.import_modules(['broken_tasks'])
+  assert str(e.value) == (f'error: --module broken_tasks: invalid syntax at '
+                          f'{tmp_path / "broken_tasks.py"}:2.')

@@ -97,6 +97,38 @@ def test_every_damaged_checkpoint_is_moved_aside_and_the_newest_intact_one_resum
   assert (quarantine / '2' / 'data' / 'process_0.index').exists()
 
 
+def test_a_missing_or_malformed_manifest_is_damage_in_a_model_dir_that_writes_them(tmp_path):
+  """Step 3's manifest deleted and its arrays altered, step 2's manifest without its
+  checksums: both are named, quarantined, and the run resumes from step 1. A model_dir without
+  the MANIFESTS marker (checkpoints from before manifests) is read without them."""
+  model_dir = tmp_path / 'run'
+  straight, _ = run_logged(model_dir, 3, checkpoint_every=1, keep_checkpoints=10,
+                           async_checkpointing=False)
+  data = model_dir / 'data'
+  assert (data / checkpoints.MANIFESTS_MARKER).exists()
+  os.remove(data / '3' / 'process_0.manifest.json')
+  with open(largest_file(model_dir / 'checkpoints' / '3'), 'r+b') as f:
+    f.seek(os.path.getsize(f.name) // 2)
+    chunk = f.read(64)
+    f.seek(-64, os.SEEK_CUR)
+    f.write(bytes(b ^ 0xFF for b in chunk))
+  (data / '2' / 'process_0.manifest.json').write_text('{"step": 2}')
+  resumed, lines = run_logged(model_dir, 3, checkpoint_every=1, keep_checkpoints=10,
+                              async_checkpointing=False)
+  warnings = [line for line in lines if line.startswith('WARNING: checkpoint step')]
+  assert len(warnings) == 2 and 'manifest' in warnings[0] and 'is missing' in warnings[0]
+  assert 'is malformed' in warnings[1], warnings
+  assert resumed.start_step == 1 and sorted(os.listdir(model_dir / 'quarantine')) == ['2', '3']
+  assert_trees_equal(resumed.state.params, straight.state.params)
+
+  # Before manifests: no marker, no manifest: the newest step is read as it is.
+  os.remove(data / checkpoints.MANIFESTS_MARKER)
+  os.remove(data / '3' / 'process_0.manifest.json')
+  again, lines = run_logged(model_dir, 3, checkpoint_every=1, keep_checkpoints=10,
+                            async_checkpointing=False)
+  assert again.start_step == 3 and not [l for l in lines if l.startswith('WARNING')]
+
+
 @pytest.mark.slow
 def test_no_intact_checkpoint_is_one_error_and_another_model_is_not_damage(tmp_path):
   model_dir = tmp_path / 'run'
@@ -118,11 +150,18 @@ def test_no_intact_checkpoint_is_one_error_and_another_model_is_not_damage(tmp_p
 
 
 @pytest.mark.slow
-def test_the_step_a_run_resumed_from_survives_the_rotation(tmp_path):
+def test_the_step_a_run_resumed_from_is_kept_until_enough_newer_ones_exist(tmp_path):
+  """keep_checkpoints=2: the step resumed from stays while fewer than 2 newer steps exist,
+  and goes once they do; resumes never leave more than 2 behind."""
   model_dir = tmp_path / 'run'
-  run_logged(model_dir, 2, checkpoint_every=2, keep_checkpoints=1)
+  steps = lambda: sorted(int(s) for s in os.listdir(model_dir / 'checkpoints'))
+  run_logged(model_dir, 2, checkpoint_every=2, keep_checkpoints=2)
+  run_logged(model_dir, 4, checkpoint_every=2, keep_checkpoints=2)
+  assert steps() == [2, 4]
   run_logged(model_dir, 6, checkpoint_every=2, keep_checkpoints=1)
-  assert sorted(int(s) for s in os.listdir(model_dir / 'checkpoints')) == [2, 6]
+  assert steps() == [6]  # resumed from 4: kept until step 6 existed, then rotated out
+  run_logged(model_dir, 12, checkpoint_every=2, keep_checkpoints=2)
+  assert steps() == [10, 12]
 
 
 # ---------------------------------------------------------------------------------------------

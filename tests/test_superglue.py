@@ -698,3 +698,14 @@ def test_eval_counts_decoded_predictions_that_are_no_label():
   assert eval_script.no_label_share('record', 'decode', ['Paris']) is None
   result = doctest.testmod(eval_script)
   assert result.attempted > 0 and result.failed == 0
+
+
+def test_infer_cuts_one_long_input_as_it_cuts_a_files(one_step_model):
+  """A 100 KB --input is cut to --max_input_length tokens (keeping its start), as file inputs
+  are: it gives what its first tokens give."""
+  long_text = 'It was a dark and stormy night; ' * 3200
+  run = lambda text: infer_script.main(['--checkpoint', str(one_step_model), '--input', text,
+                                        '--max_input_length', '16', '--max_length', '4'],
+                                       out=io.StringIO())
+  vocab = vocabulary.get_vocabulary()
+  assert run(long_text) == run(vocab.decode(vocab.encode(long_text)[:15]))

@@ -10,6 +10,7 @@ A training run writes everything into one `model_dir`:
     data/<step>/process_<i>.manifest.json  checksums of the step's arrays and of that
                                        process's position files, written before orbax commits
                                        the step; a restore verifies them
+    data/MANIFESTS                     says the steps have manifests: one missing is damage
     quarantine/<step>[.<n>]/           a checkpoint that failed to restore or to match its
                                        manifest, moved aside (never deleted)
     best/, best.json                   the parameters with the best task metric (fine-tuning)
@@ -65,6 +66,9 @@ BEST = 'best'
 BEST_JSON = 'best.json'
 QUARANTINE = 'quarantine'
 MANIFEST_SUFFIX = '.manifest.json'  # data/<step>/process_<i>.manifest.json
+# data/MANIFESTS: this model_dir's checkpoints are written with manifests, so a step without
+# one (or with a malformed one) is damage; without it a step is from before manifests.
+MANIFESTS_MARKER = 'MANIFESTS'
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +372,7 @@ class Checkpoints:
 
   A state with a non-finite parameter or optimizer statistic is never saved (`save` raises
   `CheckpointError` naming the step and the last good checkpoint), and the step a run resumed
-  from (verified) is kept by the rotation until a newer step replaces it as the latest.
+  from (verified) is kept by the rotation until `keep` newer steps exist.
 
   A model_dir orbax cannot write itself (`orbax_writes`: ram://, hdfs://, ...) is served by
   a local copy of its checkpoints/ (one process): orbax works on the copy, each save is
@@ -388,7 +392,7 @@ class Checkpoints:
     self._saving: int | None = None  # the step of the save in flight
     self._checksums = jax.jit(_checksums_and_finite)
     policy = ocp.checkpoint_managers.AnyPreservationPolicy(
-        [ocp.checkpoint_managers.LatestN(n=keep), _KeepVerified(self)])
+        [ocp.checkpoint_managers.LatestN(n=keep), _KeepVerified(self, keep)])
     self.manager = ocp.CheckpointManager(
         _orbax_path(self.directory) if self._stage is None else self._stage,
         item_handlers=ocp.StandardCheckpointHandler(),  # so item_metadata reads shapes
@@ -462,6 +466,9 @@ class Checkpoints:
           'lower learning rate or a different seed.')
     path = self._data_path(step)
     try:
+      marker = join(self.data_dir, MANIFESTS_MARKER)
+      if jax.process_index() == 0 and not exists(marker):
+        _write_text(marker, 'Every checkpoint of this model_dir has a manifest per process.\n')
       batches.save(path)
       _write_text(path + MANIFEST_SUFFIX, json.dumps(
           {'step': step, 'arrays': _flat_checksums(checksums),
@@ -549,9 +556,13 @@ class Checkpoints:
 
   def _read_manifest(self, step: int) -> dict | None:
     """This process's manifest of `step`, its position files verified; None for a
-    checkpoint saved before manifests were written."""
+    checkpoint saved before manifests were written (only in a model_dir without the
+    MANIFESTS marker: with it, a missing or malformed manifest is damage)."""
     path = self._data_path(step)
     if not exists(path + MANIFEST_SUFFIX):
+      if exists(join(self.data_dir, MANIFESTS_MARKER)):
+        raise DamagedCheckpoint(f'its manifest {path + MANIFEST_SUFFIX} is missing (this '
+                                "model_dir's checkpoints are written with manifests)")
       return None
     try:
       with open_file(path + MANIFEST_SUFFIX) as f:
@@ -559,6 +570,10 @@ class Checkpoints:
     except Exception as e:
       raise DamagedCheckpoint(f'its manifest {path + MANIFEST_SUFFIX} is unreadable '
                               f'({type(e).__name__})') from e
+    if not (isinstance(manifest, dict) and isinstance(manifest.get('files'), dict)
+            and isinstance(manifest.get('arrays'), dict)):
+      raise DamagedCheckpoint(f'its manifest {path + MANIFEST_SUFFIX} is malformed (no '
+                              "'files' and 'arrays' checksums)")
     files = _file_digests(path)
     bad = sorted(k for k in manifest['files'] if files.get(k) != manifest['files'][k])
     if bad:
@@ -691,14 +706,16 @@ class DamagedCheckpoint(Exception):
 
 class _KeepVerified:
   """Orbax preservation policy: keep the step the run resumed from (verified against its
-  manifest) until it is no longer the newest one verified, so the rotation never deletes it
-  for steps saved after it."""
+  manifest) until `keep` steps newer than it exist, so that the rotation never leaves the
+  run with fewer intact checkpoints than it had, and never keeps more than `keep` for long."""
 
-  def __init__(self, checkpoints: Checkpoints):
-    self.checkpoints = checkpoints
+  def __init__(self, checkpoints: Checkpoints, keep: int):
+    self.checkpoints, self.keep = checkpoints, keep
 
   def should_preserve(self, checkpoints, *, context):
-    return [c.step == self.checkpoints.verified for c in checkpoints]
+    verified = self.checkpoints.verified
+    newer = sum(1 for c in checkpoints if verified is not None and c.step > verified)
+    return [c.step == verified and newer < self.keep for c in checkpoints]
 
 
 def _array_checksum(x: jax.Array) -> jax.Array:
