@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -22,6 +24,8 @@ from train_setup import TINY
 from ul2 import checkpoints, records
 from ul2 import data as data_lib
 from ul2 import train as T
+
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts')
 
 
 def assert_trees_equal(a, b):
@@ -380,3 +384,42 @@ def test_a_run_into_a_url_no_filesystem_here_knows_says_so_in_one_line():
                      match=r'^foo://bucket/run: no filesystem for foo:// here') as e:
     run_logged('foo://bucket/run', 1)
   assert '\n' not in str(e.value)
+
+
+@pytest.mark.slow
+def test_one_writer_per_model_dir(tmp_path):
+  """A second run on a model_dir another process is writing refuses in one line naming it;
+  once that process is gone (killed), the next run takes the lease over with a note, and a
+  run that ends releases it."""
+  import socket
+  model_dir = tmp_path / 'run'
+  command = [sys.executable, os.path.join(SCRIPTS, 'train.py'), '--gin_file=models/tiny.gin',
+             '--gin_file=runs/pretrain.gin', "--gin.MIXTURE_OR_TASK_NAME='ul2_mod_gutenberg'",
+             "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}", '--gin.BATCH_SIZE=8',
+             f"--gin.MODEL_DIR='{model_dir}'", '--gin.EVAL_EVERY=100000',
+             '--gin.CHECKPOINT_EVERY=5', '--gin.train.TrainConfig.denoiser_eval_batches=0']
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  first = subprocess.Popen(command + ['--gin.TRAIN_STEPS=100000'], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    lease = model_dir / checkpoints.LEASE
+    for _ in range(600):
+      if lease.exists() and lease.read_text().strip():
+        break
+      assert first.poll() is None
+      time.sleep(0.2)
+    second = subprocess.run(command + ['--gin.TRAIN_STEPS=10'], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert second.returncode == 1, second.stderr[-2000:]
+    assert second.stderr.strip().splitlines()[-1].startswith(
+        f'error: {model_dir} is being written by process {first.pid} on '
+        f'{socket.gethostname()} (heartbeat ')
+    assert 'delete' in second.stderr and 'Traceback' not in second.stderr
+  finally:
+    first.kill()
+    first.wait()
+  third = subprocess.run(command + ['--gin.TRAIN_STEPS=2'], env=env, capture_output=True,
+                         text=True, timeout=300)
+  assert third.returncode == 0, third.stderr[-2000:]
+  assert f'process {first.pid} on this host has ended' in third.stdout
+  assert not (model_dir / checkpoints.LEASE).exists()  # released at the end

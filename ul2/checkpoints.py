@@ -11,6 +11,7 @@ A training run writes everything into one `model_dir`:
                                        process's position files, written before orbax commits
                                        the step; a restore verifies them
     data/MANIFESTS                     says the steps have manifests: one missing is damage
+    LEASE.json                         the run writing here (`Lease`): one writer at a time
     quarantine/<step>[.<n>]/           a checkpoint that failed to restore or to match its
                                        manifest, moved aside (never deleted)
     best/, best.json                   the parameters with the best task metric (fine-tuning)
@@ -46,7 +47,10 @@ import os
 import posixpath
 import re
 import shutil
+import socket
 import tempfile
+import threading
+import time
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
@@ -147,6 +151,14 @@ def open_file(path: str, mode: str = 'r'):
 
 def exists(path: str) -> bool:
   return _gfile().exists(path) if is_url(path) else os.path.exists(path)
+
+
+def remove(path: str) -> None:
+  """Deletes one file (local or URL); a file already gone is fine."""
+  try:
+    _gfile().remove(path) if is_url(path) else os.remove(path)
+  except Exception:  # FileNotFoundError, or gfile's NotFoundError
+    pass
 
 
 def isdir(path: str) -> bool:
@@ -698,6 +710,123 @@ class Checkpoints:
       except Exception:  # the run's own error is the one to report
         pass
     self.close()
+
+
+LEASE = 'LEASE.json'  # model_dir/LEASE.json: the run writing into it
+
+
+class Lease:
+  """One writer per model_dir: a run holds `model_dir/LEASE.json` (host, process id, start,
+  heartbeat) while it runs, and a second run refuses to start in one line naming the holder.
+
+  The file is created only if absent (`O_CREAT | O_EXCL` on a local disk; on a URL an
+  existence check first, since gfile has no create-if-absent precondition: two runs starting
+  in the same second can both pass it). A lease is stale, and taken over with a note, when its
+  process is gone (same host) or its heartbeat, rewritten every `heartbeat_s`, is older than
+  `stale_s` (another host: a run killed there). A multi-host job holds one lease: process 0
+  takes it and every process learns whether it did.
+  """
+
+  def __init__(self, model_dir: str, heartbeat_s: float = 30.0, stale_s: float = 600.0):
+    self.path = join(model_dir, LEASE)
+    self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+    self.held = False
+
+  def _record(self, started: float) -> str:
+    return json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'started': started,
+                       'heartbeat': time.time()})
+
+  def _holder(self) -> dict | None:
+    try:
+      with open_file(self.path) as f:
+        return json.loads(f.read())
+    except Exception:  # vanished or cut short: nobody to name
+      return None
+
+  def _stale(self, holder: dict) -> str | None:
+    """Why `holder` no longer writes here (None: it may still)."""
+    if holder.get('host') == socket.gethostname():
+      if holder.get('pid') == os.getpid():
+        return 'this process'
+      try:
+        os.kill(int(holder['pid']), 0)
+      except ProcessLookupError:
+        return f'process {holder["pid"]} on this host has ended'
+      except (PermissionError, KeyError, TypeError, ValueError):
+        pass
+    age = time.time() - float(holder.get('heartbeat', 0))
+    return f'its heartbeat is {age:.0f} s old' if age > self.stale_s else None
+
+  def _create(self, text: str) -> bool:
+    if is_url(self.path):
+      if exists(self.path):
+        return False
+      _write_text(self.path, text)
+      return True
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, 'w') as f:
+      f.write(text)
+    return True
+
+  def acquire(self, log: Callable[[str], None] = print) -> Lease:
+    """Takes the lease (process 0) or raises `CheckpointError` naming who holds it."""
+    refusal = None
+    if jax.process_index() == 0:
+      started = time.time()
+      if not self._create(self._record(started)):
+        holder = self._holder() or {}
+        why = self._stale(holder)
+        if why is None:
+          age = time.time() - float(holder.get('heartbeat', 0))
+          refusal = (f'{parent(self.path)} is being written by process {holder.get("pid")} '
+                     f'on {holder.get("host")} (heartbeat {age:.0f} s ago): wait for it to '
+                     'end, use another MODEL_DIR, or, if that run is gone, delete '
+                     f'{self.path}.')
+        else:
+          if why != 'this process':
+            log(f'note: taking over {self.path} ({why}).')
+          _write_text(self.path, self._record(started))
+      if refusal is None:
+        self.held = True
+        self._thread = threading.Thread(target=self._beat, args=(started,), daemon=True)
+        self._thread.start()
+    if jax.process_count() > 1:  # the job starts, or stops, as one
+      from jax.experimental import multihost_utils
+      ok = multihost_utils.broadcast_one_to_all(np.int32(refusal is None))
+      if not ok and refusal is None:
+        refusal = f'process 0 could not take the lease on {parent(self.path)}.'
+    if refusal is not None:
+      raise CheckpointError(refusal)
+    return self
+
+  def _beat(self, started: float) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      try:
+        _write_text(self.path, self._record(started))
+      except Exception:  # a missed beat only ages the lease
+        pass
+
+  def release(self) -> None:
+    if not self.held:
+      return
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    holder = self._holder() or {}
+    if holder.get('pid') == os.getpid() and holder.get('host') == socket.gethostname():
+      remove(self.path)
+    self.held = False
+
+  def __enter__(self) -> Lease:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
 
 
 class DamagedCheckpoint(Exception):

@@ -19,6 +19,7 @@ imported only for a seqio input pipeline, so `compile_run` alone runs without th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import threading
@@ -358,32 +359,37 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
   summaries. `started` is called once the run has its state, fresh or restored: what it
   writes into model_dir (the gin config) is then never written by a run that failed to start.
   """
-  log = log or _print
+  log = log or functools.partial(print, flush=True)  # at once also into a file (SLURM)
   say = log if jax.process_index() == 0 else (lambda _: None)
   compiled = compile_run(model, optimizer, run, mesh, devices)
   partitioning.check_batch_size(data.batch_size, compiled.mesh, run.microbatches)
   checkpoints_lib.makedirs(run.model_dir)
-  if batches is None:
-    say(f'Building the input pipeline of {data.task}'
-        + (f' (validation: its {data.eval_split} split)' if data.eval_split else '') + '...')
-  inputs = _Inputs.build(data, run, batches, log, model.architecture)
-  checkpoints = checkpoints_lib.Checkpoints(run.model_dir, model, run.keep_checkpoints,
-                                            run.async_checkpointing)
-  state = _initial_state(compiled, checkpoints, inputs, model, run, log)
-  checkpoints_lib.write_model_config(run.model_dir, model)
-  if started is not None:
-    started()
-  start = int(state.step)
-  records = records_lib.Records(
-      run.model_dir, run.steps, start, model=model, batch_size=data.batch_size,
-      feature_lengths=data.feature_lengths, mesh=compiled.mesh,
-      peak_flops_per_device=run.peak_flops_per_device, progress_bar=run.progress_bar,
-      summaries=inputs.pipeline is not None, log=log)
-  best = checkpoints_lib.read_best(run.model_dir)
-  if start < run.steps:
-    say(f'Compiling the train step and training steps {start + 1}-{run.steps}...')
+  lease = checkpoints_lib.Lease(run.model_dir).acquire(log)  # one writer per model_dir
+  try:
+    if batches is None:
+      say(f'Building the input pipeline of {data.task}'
+          + (f' (validation: its {data.eval_split} split)' if data.eval_split else '') + '...')
+    inputs = _Inputs.build(data, run, batches, log, model.architecture)
+    checkpoints = checkpoints_lib.Checkpoints(run.model_dir, model, run.keep_checkpoints,
+                                              run.async_checkpointing)
+    state = _initial_state(compiled, checkpoints, inputs, model, run, log)
+    checkpoints_lib.write_model_config(run.model_dir, model)
+    if started is not None:
+      started()
+    start = int(state.step)
+    records = records_lib.Records(
+        run.model_dir, run.steps, start, model=model, batch_size=data.batch_size,
+        feature_lengths=data.feature_lengths, mesh=compiled.mesh,
+        peak_flops_per_device=run.peak_flops_per_device, progress_bar=run.progress_bar,
+        summaries=inputs.pipeline is not None, log=log)
+    best = checkpoints_lib.read_best(run.model_dir)
+    if start < run.steps:
+      say(f'Compiling the train step and training steps {start + 1}-{run.steps}...')
+  except BaseException:
+    lease.release()
+    raise
 
-  with _StopSignals() as signals, records, checkpoints:
+  with lease, _StopSignals() as signals, records, checkpoints:
     for step in range(start, run.steps):
       batch = next(inputs.train, None)
       if batch is None:
@@ -429,10 +435,6 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
       log(f'Metrics: {checkpoints_lib.join(run.model_dir, records_lib.METRICS_JSONL)}, plotted in {picture}')
   return TrainResult(state, records.history, records.eval_history, run.model_dir, start,
                      records.metrics_history, records.denoiser_history)
-
-
-def _print(line: str) -> None:
-  print(line, flush=True)  # at once also when stdout is a file (SLURM logs, nohup)
 
 
 class _StopSignals:
@@ -559,7 +561,7 @@ def _validate(compiled: CompiledRun, params: Any,
 def validate_by_denoiser(model: network.Config, params: Any, data: data_lib.DataConfig,
                          batches: int = 2, denoisers: Sequence[Any] | None = None,
                          mesh: partitioning.MeshConfig = partitioning.MeshConfig(),
-                         log: Callable[[str], None] = _print) -> dict[str, dict[str, float]]:
+                         log: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
   """A finished model's validation loss and token accuracy per denoiser and per mode, on the
   same fixed streams training reports (`TrainConfig.denoiser_eval_batches`): what
   `scripts/eval.py --by_denoiser` prints. {} when `data.task` has no denoising objective."""
