@@ -146,6 +146,10 @@ def main(argv=None, out=sys.stdout):
     return text if args.raw else vocabulary.without_sentinels(text)
 
   if records is None:  # one input
+    tokens = len(vocab.encode(vocabulary.with_mode(args.input, mode))) + 1  # with EOS
+    if tokens > config.max_input_length and write:
+      print(f'note: --input is {tokens:,} tokens; its first {config.max_input_length} are '
+            'read (--max_input_length).', file=sys.stderr)
     inputs = decoder.place_batch([encode(vocabulary.with_mode(args.input, mode),
                                          config.max_input_length)])
     if args.score is not None:

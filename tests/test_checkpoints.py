@@ -33,7 +33,9 @@ def model_dir(tmp_path_factory):
 def test_a_run_writes_the_documented_layout(model_dir):
   path, _ = model_dir
   assert sorted(os.listdir(os.path.join(path, checkpoints.CHECKPOINTS))) == ['2', '3']
-  assert sorted(os.listdir(os.path.join(path, checkpoints.DATA))) == ['2', '3']
+  assert sorted(os.listdir(os.path.join(path, checkpoints.DATA))) == [
+      '2', '3', checkpoints.MANIFESTS_MARKER]
+  assert not os.path.exists(os.path.join(path, checkpoints.LEASE))  # released at the end
   assert sorted(os.listdir(os.path.join(path, checkpoints.DATA, '3'))) == [
       'process_0.data-00000-of-00001', 'process_0.index', 'process_0.layout.json',
       'process_0.manifest.json']

@@ -700,7 +700,7 @@ def test_eval_counts_decoded_predictions_that_are_no_label():
   assert result.attempted > 0 and result.failed == 0
 
 
-def test_infer_cuts_one_long_input_as_it_cuts_a_files(one_step_model):
+def test_infer_cuts_one_long_input_as_it_cuts_a_files(one_step_model, capsys):
   """A 100 KB --input is cut to --max_input_length tokens (keeping its start), as file inputs
   are: it gives what its first tokens give."""
   long_text = 'It was a dark and stormy night; ' * 3200
@@ -709,3 +709,4 @@ def test_infer_cuts_one_long_input_as_it_cuts_a_files(one_step_model):
                                        out=io.StringIO())
   vocab = vocabulary.get_vocabulary()
   assert run(long_text) == run(vocab.decode(vocab.encode(long_text)[:15]))
+  assert capsys.readouterr().err.count('note: --input is ') == 1  # the long one says so
