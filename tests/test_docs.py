@@ -84,13 +84,7 @@ SHOWN = re.compile(r'(?:scripts/)?\b(' + '|'.join(SCRIPT_NAMES) + r')\.py\b(.*?)
 
 def shown_flags(pages=PAGES):
   """(page, script, flag) for every --flag shown after a script's name."""
-  found = []
-  for page in pages:
-    for unit in commands(read(page)):
-      for name, rest in SHOWN.findall(unit):
-        for flag in re.findall(r'(?<![\w-])(--[a-z][\w-]*)', rest):
-          found.append((page, name, flag))
-  return found
+  return [(page, name, flag) for page in pages for _, name, flag in shown_flags_of(read(page))]
 
 
 def test_the_flag_reader_reads_flags_and_commands():
@@ -104,6 +98,7 @@ def test_the_flag_reader_reads_flags_and_commands():
 
 
 def shown_flags_of(text):
+  """('-', script, flag) for every --flag shown after a script's name in `text`."""
   return [('-', name, flag) for unit in commands(text) for name, rest in SHOWN.findall(unit)
           for flag in re.findall(r'(?<![\w-])(--[a-z][\w-]*)', rest)]
 
