@@ -176,6 +176,64 @@ def test_a_spec_pointing_outside_the_checkpoint_is_refused(tmp_path):
       checkpoints.load(str(folder), CFG)
 
 
+def crafted(tmp_path, name):
+  import shutil
+  folder = tmp_path / name / 'checkpoint_1'
+  shutil.copytree(os.path.join(TENSORSTORE, 'checkpoint_1'), folder)
+  return folder
+
+
+def test_symbolic_links_out_of_the_checkpoint_are_refused_like_dot_dot(tmp_path):
+  """A link is confined like a path: an array folder, or a chunk file in it, that links
+  outside the checkpoint is refused, in both of T5X's tensorstore layouts (specs, and the
+  older placeholder leaf beside a target.<name>/ folder); a link inside it is read."""
+  import shutil
+  scale = 'target.decoder.decoder_norm.scale'
+  outside = tmp_path / 'outside'
+  shutil.copytree(os.path.join(TENSORSTORE, 'checkpoint_1', scale), outside)
+
+  linked_folder = crafted(tmp_path, 'folder')
+  shutil.rmtree(linked_folder / scale)
+  os.symlink(outside, linked_folder / scale)
+  linked_chunk = crafted(tmp_path, 'chunk')
+  os.remove(linked_chunk / scale / '0')
+  os.symlink(outside / '0', linked_chunk / scale / '0')
+  old_layout = crafted(tmp_path, 'old_layout')  # the spec replaced by T5X's older placeholder
+  tree = msgpack(str(old_layout))
+  tree['optimizer']['target']['decoder']['decoder_norm']['scale'] = 'target.decoder.decoder_norm.scale'
+  with open(old_layout / 'checkpoint', 'wb') as f:
+    f.write(flax.serialization.msgpack_serialize(tree))
+  assert_params_read = lambda folder: np.testing.assert_array_equal(
+      network.flatten_params(checkpoints.load(str(folder), CFG)[0])['decoder/decoder_norm/scale'],
+      t5x_params()['decoder/decoder_norm/scale'])
+  assert_params_read(old_layout)  # the placeholder layout is read
+  shutil.rmtree(old_layout / scale)
+  os.symlink(outside, old_layout / scale)
+
+  for folder in (linked_folder, linked_chunk, old_layout):
+    with pytest.raises(ValueError, match=r'decoder/decoder_norm/scale .*outside the '
+                                         r'checkpoint folder; refusing to read it'):
+      checkpoints.load(str(folder), CFG)
+
+  inside = crafted(tmp_path, 'inside')  # a link that stays inside (cp -s) is fine
+  os.rename(inside / scale, inside / 'scale_copy')
+  os.symlink(inside / 'scale_copy', inside / scale)
+  assert_params_read(inside)
+
+
+def test_a_link_out_of_an_orbax_checkpoint_is_refused(tmp_path):
+  import shutil
+  folder = tmp_path / 'orbax'
+  shutil.copytree(ORBAX, folder)
+  data = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs if '/d/' in
+          os.path.join(d, f)]
+  victim = data[0]
+  shutil.move(victim, tmp_path / 'elsewhere')
+  os.symlink(tmp_path / 'elsewhere', victim)
+  with pytest.raises(ValueError, match='outside the checkpoint folder; refusing to read it'):
+    checkpoints.load(str(folder), CFG)
+
+
 def test_exports_refuse_a_non_empty_output_unless_told_to_overwrite(tmp_path, capsys):
   import export_hf
   run_dir = tmp_path / 'run'

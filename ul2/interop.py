@@ -466,6 +466,7 @@ def read_orbax_tree(path: str) -> dict:
 
   if os.path.isdir(os.path.join(path, 'default')):
     path = os.path.join(path, 'default')
+  _links_inside(path, path, 'the orbax checkpoint')
   # Restore as host numpy arrays: the saved shardings name the devices of the run that wrote
   # the checkpoint (a 2x4 mesh, a pod), which need not exist in this process. The handler,
   # not a Checkpointer: that would also look for step metadata, which the item folder of a
@@ -488,11 +489,12 @@ def _load_t5x_tensorstore(path: str) -> dict:
       target, is_leaf=lambda _, x: _is_ts_spec(x)).items():
     if _is_ts_spec(leaf):
       spec = {'driver': leaf['driver'], 'kvstore': {
-          'driver': 'file', 'path': _confined(path, leaf, '/'.join(key))}}
+          'driver': 'file', 'path': _spec_path(path, leaf, '/'.join(key))}}
       flat[key] = ts.open(spec, open=True).result().read().result()  # as written
     elif isinstance(leaf, str) and os.path.isdir(os.path.join(path, 'target.' + _dotted(key))):
+      # Older T5X: the leaf is a placeholder and the array is target.<dotted name>/ (zarr).
       flat[key] = ts.open({'driver': 'zarr', 'kvstore': {
-          'driver': 'file', 'path': os.path.join(path, 'target.' + _dotted(key))}},
+          'driver': 'file', 'path': _confined(path, 'target.' + _dotted(key), '/'.join(key))}},
           open=True).result().read().result()
     else:
       flat[key] = leaf
@@ -500,25 +502,56 @@ def _load_t5x_tensorstore(path: str) -> dict:
       {key: np.asarray(value, np.float32) for key, value in flat.items()})
 
 
-def _confined(checkpoint_dir: str, spec: Mapping[str, Any], name: str) -> str:
-  """The local path of a spec's array, which must lie inside `checkpoint_dir`.
+def _spec_path(checkpoint_dir: str, spec: Mapping[str, Any], name: str) -> str:
+  """The local path of a tensorstore spec's array (`_confined` to `checkpoint_dir`).
 
   T5X writes paths relative to the checkpoint (`target.encoder.layers_0...`), with the file
   driver, or with the gcs driver and the relative path beside it when written to a bucket
-  (T5X reads those locally the same way). An absolute path or one leaving the folder is
-  refused: a checkpoint must not make the loader read elsewhere.
+  (T5X reads those locally the same way). Any other kvstore is refused.
   """
   kvstore = spec.get('kvstore', {})
   relative = kvstore.get('path') if kvstore.get('driver') == 'file' else spec.get('path')
   if kvstore.get('driver') not in ('file', 'gcs') or not relative:
     raise ValueError(f'{checkpoint_dir}/checkpoint: {name} is stored with kvstore '
                      f'{kvstore!r}; only files inside the checkpoint folder are read.')
+  return _confined(checkpoint_dir, relative, name)
+
+
+def _confined(checkpoint_dir: str, relative: str, name: str) -> str:
+  """`checkpoint_dir`/`relative`, refused (ValueError naming `name`) unless it lies inside
+  `checkpoint_dir` with every symbolic link under it resolved: a foreign checkpoint must not
+  make the loader read elsewhere, by an absolute path, by `..` or by a link.
+
+  >>> _confined('/ckpt', '../elsewhere/', 'decoder/decoder_norm/scale')
+  Traceback (most recent call last):
+  ValueError: /ckpt/checkpoint: decoder/decoder_norm/scale points outside the checkpoint folder ('../elsewhere/'); refusing to read it.
+  """
   root = os.path.realpath(checkpoint_dir)
-  full = os.path.realpath(os.path.join(root, relative))
-  if os.path.isabs(relative) or os.path.commonpath([root, full]) != root:
+  lexical = os.path.normpath(os.path.join(root, relative))
+  if os.path.isabs(relative) or os.path.commonpath([root, lexical]) != root:
     raise ValueError(f'{checkpoint_dir}/checkpoint: {name} points outside the checkpoint '
                      f'folder ({relative!r}); refusing to read it.')
+  full = os.path.realpath(lexical)
+  if os.path.commonpath([root, full]) != root:
+    raise ValueError(f'{checkpoint_dir}/checkpoint: {name} ({relative!r}) is a symbolic link '
+                     f'to {full}, outside the checkpoint folder; refusing to read it.')
+  _links_inside(checkpoint_dir, full, name)
   return full
+
+
+def _links_inside(checkpoint_dir: str, folder: str, name: str) -> None:
+  """Refuses (ValueError) a symbolic link under `folder` that resolves outside
+  `checkpoint_dir` (a link inside it is fine: copies made with `cp -s`)."""
+  root = os.path.realpath(checkpoint_dir)
+  for where, dirs, files in os.walk(folder):
+    for entry in dirs + files:
+      path = os.path.join(where, entry)
+      if os.path.islink(path):
+        target = os.path.realpath(path)
+        if os.path.commonpath([root, target]) != root:
+          raise ValueError(
+              f'{checkpoint_dir}: {name} has a symbolic link {os.path.relpath(path, root)} -> '
+              f'{target}, outside the checkpoint folder; refusing to read it.')
 
 
 def _is_ts_spec(x) -> bool:
