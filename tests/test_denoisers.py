@@ -50,6 +50,47 @@ def test_tokenize_blocks_equals_per_document_tokenization():
     np.testing.assert_array_equal(block['targets'], want)
 
 
+def test_a_corpus_of_one_huge_line_is_cut_into_blocks_and_denoised(tmp_path):
+  """The bundled training text (1.6 MB) as one line, one document of ~400k tokens: its block
+  is cut into pieces of at most MAX_BLOCK_TOKENS that together are its tokens (the same as
+  tokenizing it in one piece), and the MoD task over it gives examples (a 20 MB line took
+  minutes and GBs when the whole block was denoised as one tensor)."""
+  text = ' '.join(open(pretrain.BUNDLED_GUTENBERG_DIR + '/gutenberg_train_00.txt').read().split())
+  (tmp_path / 'one_line.txt').write_text(text + '\n')
+  ds = tf.data.Dataset.from_tensor_slices({'targets': [text]})
+  blocks = [b['targets']
+            for b in D.tokenize_blocks(ds, pretrain.output_features()).as_numpy_iterator()]
+  whole = VOCAB.encode_tf(tf.constant([text])).flat_values.numpy()
+  assert len(whole) > 3 * D.MAX_BLOCK_TOKENS
+  assert [len(b) for b in blocks] == ([D.MAX_BLOCK_TOKENS] * 3
+                                      + [len(whole) - 3 * D.MAX_BLOCK_TOKENS])
+  np.testing.assert_array_equal(np.concatenate(blocks), whole)
+
+  pretrain.register_corpus('one_line_test',
+                           pretrain.text_files_source(str(tmp_path / 'one_line.txt')))
+  try:
+    task = seqio.get_mixture_or_task('ul2_mod_one_line_test')
+    examples = list(task.get_dataset(LENGTHS, 'train', shuffle=False).take(200)
+                    .as_numpy_iterator())
+    assert len(examples) == 200 and len({ex['denoiser'] for ex in examples}) > 1
+  finally:
+    for registry in (seqio.MixtureRegistry, seqio.TaskRegistry):
+      for name in list(registry.names()):
+        if name.endswith('_one_line_test'):
+          registry.remove(name)
+
+
+def test_blocks_of_the_gutenberg_corpus_are_never_cut():
+  """MAX_BLOCK_TOKENS leaves the shipped corpus's examples as they were: no block of 128
+  documents reaches it."""
+  files = [pretrain.BUNDLED_GUTENBERG_DIR + f'/gutenberg_{split}_00.txt'
+           for split in ('train', 'validation')]
+  ds = tf.data.TextLineDataset(files).map(lambda line: {'targets': line})
+  sizes = [len(b['targets']) for b in D.tokenize_blocks(ds, pretrain.output_features())
+           .as_numpy_iterator()]
+  assert max(sizes) < D.MAX_BLOCK_TOKENS
+
+
 def run(config, docs, lengths=LENGTHS, seed=0, vocab=VOCAB, limit=None):
   """The preprocessor + seqio's EOS step on token blocks, as numpy examples, seeded like
   get_dataset."""

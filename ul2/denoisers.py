@@ -41,7 +41,8 @@ Data flow (seqio preprocessors, in a task's order):
 
   text documents -> `tokenize_blocks`: 128 consecutive documents tokenized in one op and
                     concatenated into one block (T5's reduce_concat_tokens), so short documents
-                    fill windows; `concatenate_documents` does the same for tokenized ones
+                    fill windows; `concatenate_documents` does the same for tokenized ones;
+                    a block over MAX_BLOCK_TOKENS (one huge document) is cut into pieces
   blocks         -> `MixtureOfDenoisers`: each block cut into chunks, each chunk's denoiser
                     drawn by the mixing rates and the chunk cut to that denoiser's raw length
                     (nothing wasted); all chunks of a block denoised by one set of ops:
@@ -454,6 +455,32 @@ def corrupt(tokens: tf.Tensor, noise_mask: tf.Tensor, row_lengths: tf.Tensor,
 # ----------------------------------------------------------------------------------------------
 
 DOCS_PER_BLOCK = 128  # as T5's reduce_concat_tokens(batch_size=128)
+# A block is cut into pieces of at most this many tokens: one document of a whole book (a 20 MB
+# line, 5M tokens) would otherwise be denoised as one tensor of every chunk at once (GBs).
+# Gutenberg's and C4's blocks of 128 documents are shorter (Gutenberg's longest: 78,328), so
+# their examples are unchanged.
+MAX_BLOCK_TOKENS = 2**17
+
+
+def split_long_blocks(dataset: tf.data.Dataset,
+                      max_tokens: int = MAX_BLOCK_TOKENS) -> tf.data.Dataset:
+  """Blocks longer than `max_tokens` -> consecutive pieces of `max_tokens` (the last keeps
+  the rest); shorter blocks pass as they are.
+
+  >>> ds = tf.data.Dataset.from_tensor_slices({'targets': tf.ragged.constant([[1, 2, 3, 4, 5], [6]])})
+  >>> [ex['targets'].tolist() for ex in split_long_blocks(ds, 2).as_numpy_iterator()]
+  [[1, 2], [3, 4], [5], [6]]
+  """
+  def pieces(ex):
+    tokens = ex['targets']
+    size = tf.size(tokens, out_type=tf.int64)
+    full = size // max_tokens
+    lengths = tf.concat([tf.fill([full], tf.constant(max_tokens, tf.int64)),
+                         tf.reshape(size - full * max_tokens, [1])], 0)
+    lengths = tf.boolean_mask(lengths, lengths > 0)
+    return tf.data.Dataset.from_tensor_slices(
+        {'targets': tf.RaggedTensor.from_row_lengths(tokens, lengths)})
+  return dataset.flat_map(pieces)
 
 
 def tokenize_blocks(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
@@ -473,7 +500,7 @@ def tokenize_blocks(dataset: tf.data.Dataset, output_features: Mapping[str, seqi
   dataset = dataset.batch(docs_per_block)
   dataset = dataset.map(lambda texts: {'targets': vocab.encode_tf(texts).flat_values},
                         num_parallel_calls=tf.data.AUTOTUNE)
-  return dataset.filter(lambda ex: tf.size(ex['targets']) > 0)
+  return split_long_blocks(dataset.filter(lambda ex: tf.size(ex['targets']) > 0))
 
 
 def concatenate_documents(dataset: tf.data.Dataset,
@@ -484,7 +511,7 @@ def concatenate_documents(dataset: tf.data.Dataset,
   dataset = dataset.ragged_batch(docs_per_block)
   dataset = dataset.map(lambda ex: {'targets': ex['targets'].flat_values},
                         num_parallel_calls=tf.data.AUTOTUNE)
-  return dataset.filter(lambda ex: tf.size(ex['targets']) > 0)
+  return split_long_blocks(dataset.filter(lambda ex: tf.size(ex['targets']) > 0))
 
 
 def causal_lm_chunks(dataset: tf.data.Dataset, sequence_length: Mapping[str, int]
