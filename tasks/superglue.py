@@ -119,6 +119,37 @@ def wsc_simple_text(text: str, index: int, pronoun: str) -> str:
   return ' '.join(words[:found] + [marked] + words[found + n:])
 
 
+# Two records whose span has words in between in the text: TFDS leaves them as they are.
+_WSC_UNFIXABLE = ('Kamenev and Zinoviev', 'Kamenev, Zinoviev, and Stalin')
+
+
+def fix_wsc_spans(record: Mapping[str, Any]) -> dict[str, Any]:
+  """The record with TFDS `super_glue/wsc.fixed`'s span corrections, the data T5 reads: a span
+  that is not a substring of the text takes the case of the first letter of the text's word at
+  its index, loses a trailing period and has a newline made a space; the 'theyscold' record's
+  pronoun index becomes 10. Spans found in the text, and the two records that cannot be fixed,
+  stay as they are.
+
+  >>> fix_wsc_spans({'text': 'I put the cake on the table .', 'target': {
+  ...     'span1_text': 'The table', 'span1_index': 5, 'span2_text': 'it', 'span2_index': 0}}
+  ...     )['target']['span1_text']
+  'the table'
+  """
+  record = dict(record)
+  target = record['target'] = dict(record['target'])
+  words = record['text'].split()
+  for k in ('span1', 'span2'):
+    text, index = target[k + '_text'], target[k + '_index']
+    if text in record['text'] or text in _WSC_UNFIXABLE:
+      continue
+    if 'theyscold' in text:
+      target['span2_index'] = 10
+    first = words[index] if 0 <= index < len(words) else ''
+    text = (text[0].lower() if first[:1].islower() else text[0].upper()) + text[1:]
+    target[k + '_text'] = text.rstrip('.').replace('\n', ' ')
+  return record
+
+
 def _strip_html(text: str) -> str:
   """MultiRC's markup as T5 removes it: `<br>` -> space, `<b>`/`</b>` dropped.
 
@@ -167,7 +198,7 @@ def format_example(task: str, record: Mapping[str, Any], split: str = 'validatio
     text = (f'wic sentence1: {record["sentence1"]} sentence2: {record["sentence2"]} word: '
             f'{record["word"]}')
   elif task == 'wsc':
-    target = record['target']
+    target = fix_wsc_spans(record)['target']
     if split == 'train' and record.get('label') is not True:
       return []  # T5 trains on the records whose span1 is the pronoun's referent
     text = 'wsc: ' + wsc_simple_text(record['text'], target['span2_index'],
@@ -252,11 +283,23 @@ def macro_f1(targets: Sequence[int], predictions: Sequence[int], classes: int) -
 
 
 def matthews(targets: Sequence[int], predictions: Sequence[int]) -> float:
+  """Matthews correlation over every value that occurs (scikit-learn's `matthews_corrcoef`,
+  which T5 applies to the postprocessed values): a prediction that is no label (-1) is a
+  class of its own, not an error of the other class.
+
+  >>> round(matthews([1, 0, 1, 0], [1, 0, 0, 1]), 3), round(matthews([1, 0, 1, 0], [1, 0, -1, 0]), 3)
+  (0.0, 0.671)
+  """
   t, p = np.asarray(targets), np.asarray(predictions)
-  tp, tn = np.sum((t == 1) & (p == 1)), np.sum((t == 0) & (p == 0))
-  fp, fn = np.sum((t == 0) & (p == 1)), np.sum((t == 1) & (p == 0))
-  denominator = np.sqrt(float((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)))
-  return 0.0 if denominator == 0 else float((tp * tn - fp * fn) / denominator)
+  classes = np.union1d(t, p)
+  confusion = (t[:, None] == classes)[:, :, None] & (p[:, None] == classes)[:, None, :]
+  c = confusion.sum(0).astype(np.float64)  # [true class, predicted class]
+  samples, correct = c.sum(), np.trace(c)
+  true_per_class, predicted_per_class = c.sum(1), c.sum(0)
+  covariance = correct * samples - true_per_class @ predicted_per_class
+  denominator = np.sqrt((samples**2 - predicted_per_class @ predicted_per_class)
+                        * (samples**2 - true_per_class @ true_per_class))
+  return 0.0 if denominator == 0 else float(covariance / denominator)
 
 
 def _normalize_answer(text: str) -> str:
@@ -289,7 +332,7 @@ def record_metrics(targets: Sequence[Mapping], predictions: Sequence[str]) -> di
 
 def _invalid_as_wrong(labels: Sequence[int], predictions: Sequence[int]) -> list[int]:
   """Binary predictions with a non-label (-1) replaced by the wrong class, so it counts as an
-  error in F1 and Matthews correlation (T5's `f1_score_with_invalid`).
+  error in MultiRC's F1 (T5's `f1_score_with_invalid`).
 
   >>> _invalid_as_wrong([1, 0, 1], [-1, -1, 1])
   [0, 1, 1]
@@ -329,8 +372,8 @@ def metrics_for(task: str) -> Callable[[Sequence, Sequence], dict[str, float]]:
     if task == 'cb':
       return {**accuracy(labels, predictions),
               'f1_macro': 100.0 * macro_f1(labels, predictions, 3)}
-    if task == 'axb':
-      return {'matthews_corr': 100.0 * matthews(labels, _invalid_as_wrong(labels, predictions))}
+    if task == 'axb':  # -1 (no label) as its own class, as T5 scores it
+      return {'matthews_corr': 100.0 * matthews(labels, predictions)}
     if task == 'axg':
       return {**accuracy(labels, predictions),
               'gender_parity': gender_parity(targets, predictions)}
@@ -475,7 +518,7 @@ def prompted_examples(task: str, record: Mapping[str, Any]) -> list[Prompted]:
                 f'Question: Is the word "{record["word"]}" used in the same sense in both '
                 'sentences? Answer:', ('no', 'yes'), label)]
   if task == 'wsc':
-    target = record['target']
+    target = fix_wsc_spans(record)['target']
     return [one(f'{record["text"]} Question: In the passage above, does the pronoun '
                 f'"{target["span2_text"]}" refer to "{target["span1_text"]}"? Answer:',
                 ('no', 'yes'), label)]

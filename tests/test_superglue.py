@@ -146,6 +146,59 @@ def test_wsc_records_t5_special_cases_become_t5s_text(text, indexed_word, pronou
   assert example['inputs'].rstrip() == 'wsc: ' + t5
 
 
+def wsc_record(text, span1, index1, span2, index2, idx=0):
+  return {'idx': idx, 'text': text, 'label': True, 'target': {
+      'span1_text': span1, 'span1_index': index1, 'span2_text': span2, 'span2_index': index2}}
+
+
+# Records that need each of TFDS wsc.fixed's corrections (each modelled on an official one:
+# a span capitalised at the start of a sentence, a trailing period, a newline inside a span,
+# the 'theyscold' record, an unfixable one), and one that needs none.
+WSC_FIXES = {
+    'lower_case': wsc_record('I could not put the pot on the shelf because it was too tall .',
+                             'The pot', 5, 'it', 10),
+    'upper_case': wsc_record('Mark told Pete many lies about himself .', 'mark', 0, 'himself', 6),
+    'trailing_period': wsc_record('The dog chased the cat because it was hungry.',
+                                  'The dog.', 0, 'it', 6),
+    'newline': wsc_record('Jane knocked on Susan \'s door but she did not answer .',
+                          'Susan\n\'s door', 4, 'she', 8),
+    'theyscold': wsc_record('The parents are annoyed with the children because when '
+                            'theyscold them they laugh .', 'The parents', 0, 'theyscold.', 8),
+    'unfixable': wsc_record('Kamenev , Zinoviev , and Stalin met and they agreed .',
+                            'Kamenev, Zinoviev, and Stalin', 0, 'they', 8),
+    'as_is': wsc_record('The table would not fit because it was too wide .', 'The table', 0,
+                        'it', 6),
+}
+
+
+@pytest.mark.parametrize('name', list(WSC_FIXES))
+def test_wsc_spans_are_corrected_as_tfds_wsc_fixed_corrects_them(name):
+  """T5 reads TFDS `super_glue/wsc.fixed`: our corrections equal TFDS's own function's (run
+  here on the same record), and the example's target is the corrected span."""
+  import copy
+  from tensorflow_datasets.text import super_glue as tfds_super_glue
+  record = WSC_FIXES[name]
+  flat = {'text': record['text'], **copy.deepcopy(record['target'])}
+  want = tfds_super_glue._fix_wst(flat)
+  ours = sg.fix_wsc_spans(record)
+  assert ours['target'] == {k: want[k] for k in record['target']}
+  assert ours['text'] == want['text']
+  [example] = sg.format_example('wsc', record, 'validation')
+  assert example['targets'] == ours['target']['span1_text']
+  assert record['target']['span1_text'] == WSC_FIXES[name]['target']['span1_text']  # not mutated
+
+
+def test_wsc_fixes_change_only_what_tfds_changes():
+  fixed = {name: sg.fix_wsc_spans(r)['target'] for name, r in WSC_FIXES.items()}
+  assert fixed['lower_case']['span1_text'] == 'the pot'
+  assert fixed['upper_case']['span1_text'] == 'Mark'
+  assert fixed['trailing_period']['span1_text'] == 'The dog'
+  assert fixed['newline']['span1_text'] == "Susan 's door"
+  assert fixed['theyscold']['span2_index'] == 10 and fixed['theyscold']['span2_text'] == 'theyscold'
+  assert fixed['unfixable'] == WSC_FIXES['unfixable']['target']
+  assert fixed['as_is'] == WSC_FIXES['as_is']['target']
+
+
 def test_wsc_trains_on_correct_referents_and_scores_the_named_referent():
   record = dict(RECORDS['wsc'][0])  # label False: Mark is not 'his'
   assert sg.format_example('wsc', record, 'train') == []
@@ -190,9 +243,12 @@ def test_multirc_exact_match_groups_answers_by_question():
   assert metrics['f1a'] == pytest.approx(100 * 2 / 3)
 
 
-def test_a_prediction_outside_the_labels_is_wrong_in_f1_and_matthews():
-  """T5's f1_score_with_invalid: an invalid prediction becomes the opposite of its target, so
-  it is an error (a false negative or a false positive), never a silent 'False'."""
+def test_a_prediction_outside_the_labels_is_scored_as_t5_scores_it():
+  """T5's postprocessor maps a prediction that is no label to -1, and each metric treats -1 its
+  own way (T5's metric functions, which call scikit-learn): MultiRC's F1 over answers
+  (`f1_score_with_invalid`) makes it the opposite of its target; AX-b's Matthews correlation
+  (`matthews_corrcoef` on the raw values) counts it as a third class; CB's macro-F1
+  (`fbeta_score(labels=range(3))`) as no class; accuracy and MultiRC's exact match as wrong."""
   rng = np.random.default_rng(1)
   labels = rng.integers(0, 2, 300)
   predictions = rng.integers(0, 2, 300)
@@ -203,11 +259,38 @@ def test_a_prediction_outside_the_labels_is_wrong_in_f1_and_matthews():
   assert multirc['f1a'] == pytest.approx(100 * sklearn.metrics.f1_score(labels, as_t5))
   as_false = np.where(predictions == -1, 0, predictions)
   assert multirc['f1a'] < 100 * sklearn.metrics.f1_score(labels, as_false)
+  assert multirc['em'] == pytest.approx(100 * np.mean(
+      [all(labels[g:g + 3] == predictions[g:g + 3]) for g in range(0, 300, 3)]))
+
   axb = sg.metrics_for('axb')(targets, list(predictions))
   assert axb['matthews_corr'] == pytest.approx(
-      100 * sklearn.metrics.matthews_corrcoef(labels, as_t5))
+      100 * sklearn.metrics.matthews_corrcoef(labels, predictions))
+  assert axb['matthews_corr'] != pytest.approx(
+      100 * sklearn.metrics.matthews_corrcoef(labels, as_t5))  # not "invalid = wrong"
+  # A weak model's predictions, every tenth no label.
+  weak_labels = np.array([0, 1] * 50)
+  weak = np.where(np.arange(100) % 10 == 0, -1, (np.arange(100) // 7) % 2)
+  assert sg.metrics_for('axb')([{'label': int(t)} for t in weak_labels], list(weak))[
+      'matthews_corr'] == pytest.approx(100 * sklearn.metrics.matthews_corrcoef(weak_labels, weak))
+
+  t3 = rng.integers(0, 3, 200)
+  p3 = np.where(rng.random(200) < 0.15, -1, rng.integers(0, 3, 200))
+  cb = sg.metrics_for('cb')([{'label': int(t)} for t in t3], list(p3))
+  assert cb['f1_macro'] == pytest.approx(100 * sklearn.metrics.fbeta_score(
+      t3, p3, beta=1, labels=range(3), average='macro'))
+  assert cb['accuracy'] == pytest.approx(100 * np.mean(t3 == p3))
   assert sg.multirc_metrics([{'label': 1, 'group': 0}, {'label': 0, 'group': 0}],
                             [-1, -1]) == {'f1a': 0.0, 'em': 0.0}
+
+
+def test_matthews_equals_scikit_learn_for_any_classes():
+  rng = np.random.default_rng(2)
+  for classes, invalid in ((2, 0.0), (2, 0.3), (3, 0.1)):
+    t = rng.integers(0, classes, 150)
+    p = np.where(rng.random(150) < invalid, -1, rng.integers(0, classes, 150))
+    assert sg.matthews(t, p) == pytest.approx(sklearn.metrics.matthews_corrcoef(t, p))
+  assert sg.matthews([1, 1, 1], [1, 1, 1]) == sklearn.metrics.matthews_corrcoef([1, 1, 1],
+                                                                                [1, 1, 1])
 
 
 def test_record_takes_the_max_over_answers():
