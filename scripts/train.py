@@ -72,6 +72,10 @@ def main(argv=None):
   if gin_cli.has_macro('MIXTURE_OR_TASK_MODULE'):  # T5X's way to name the tasks' module
     gin_cli.import_modules([gin_cli.macro('MIXTURE_OR_TASK_MODULE')])
   model_dir = gin_cli.macro('MODEL_DIR')
+  try:
+    checkpoints.check_reachable(model_dir)  # seconds, not minutes of retries
+  except checkpoints.CheckpointError as e:
+    raise SystemExit(f'error: {e}') from None
   given_config = gin.config_str()
   # Written once the run has started: a run that fails to start leaves an existing run's
   # config.gin as it was.

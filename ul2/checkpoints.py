@@ -43,11 +43,13 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -128,6 +130,56 @@ def scheme(path: str) -> str | None:
   ('ram', None)
   """
   return str(path).split('://', 1)[0] if is_url(path) else None
+
+
+# A bucket answers in well under a second; TensorFlow's client retries for minutes.
+REACH_TIMEOUT_S = float(os.environ.get('UL2_REACH_TIMEOUT_S', 5))
+BUCKET_SCHEMES = ('gs', 's3')
+
+
+def check_reachable(path: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
+  """Stops at once, in one line (`CheckpointError`), when `path` is a URL that cannot be
+  reached: no answer within `timeout_s` (TensorFlow's GCS client retries the metadata server
+  for credentials for minutes), an error (no network, no credentials), or (gs://, s3://) no
+  bucket. A local path, or a URL that answers, returns at once ($UL2_REACH_TIMEOUT_S: the
+  wait, 5 s by default).
+
+  >>> check_reachable('runs/quickstart')  # local: nothing to check
+  """
+  if not is_url(path):
+    return
+  bucket = scheme(path) in BUCKET_SCHEMES
+  root = ('://'.join((scheme(path), str(path).split('://', 1)[1].split('/', 1)[0]))
+          if bucket else str(path))
+  answer: dict[str, Any] = {}
+
+  def probe():
+    try:
+      answer['exists'] = exists(root)
+    except BaseException as e:  # reported by the caller's thread
+      answer['error'] = e
+
+  # A daemon thread: if the client never answers, the run still exits.
+  thread = threading.Thread(target=probe, name='ul2-reach', daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  what = f'model_dir or checkpoint {path}'
+  if thread.is_alive():
+    raise CheckpointError(
+        f'{what}: {root} did not answer within {timeout_s:.0f} s; most likely there are no '
+        'credentials (the client is still waiting for a token from the metadata server: set '
+        'GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`) or '
+        'no network.')
+  if 'error' in answer:
+    text = ' '.join(str(answer['error']).split())
+    cause = ('no network (its host name does not resolve)' if 'resolve host' in text else
+             'no credentials or no permission' if re.search(
+                 r'\b40[13]\b|credential|permission|unauthori[sz]ed', text, re.I) else
+             f'{type(answer["error"]).__name__}: {text[:200]}')
+    raise CheckpointError(f'{what}: {root} cannot be reached: {cause}.')
+  if bucket and not answer['exists']:
+    raise CheckpointError(f'{what}: there is no bucket {root} (or no permission to see it); '
+                          'create it or fix the URL.')
 
 
 def orbax_writes(path: str) -> bool:
@@ -285,6 +337,7 @@ def read_model_config(path: str) -> network.Config:
 
 def resolve_checkpoint(path: str) -> str:
   """model_dir | model_dir/checkpoints | a step folder -> the latest step folder."""
+  check_reachable(path)
   for candidate in (path, join(path, CHECKPOINTS)):
     if not isdir(candidate):
       continue
@@ -411,6 +464,8 @@ class Checkpoints:
         options=ocp.CheckpointManagerOptions(
             preservation_policy=policy, enable_async_checkpointing=async_checkpointing,
             cleanup_tmp_directories=True))
+    self._background = _BackgroundErrors()
+    self._background.install()
 
   def _stage_from(self, remote: str) -> str:
     """A new local folder holding a copy of the steps in `remote` (a URL)."""
@@ -467,7 +522,7 @@ class Checkpoints:
     Raises `CheckpointError` (one line: the step, the path, the cause) when the state is not
     finite or a file cannot be written; the checkpoints already saved stay as they were.
     """
-    self.check()  # the previous save's outcome first
+    self.wait()  # the previous save's outcome first (orbax would wait for it anyway)
     item = {'step': state.step, 'params': network.unstack_layers(state.params, self.model_cfg),
             'opt_state': state.opt_state}
     checksums, finite = jax.device_get(self._checksums(item))
@@ -494,21 +549,52 @@ class Checkpoints:
     self._remove_stale_data()
 
   def _save_failed(self, step: int, error: BaseException) -> CheckpointError:
-    cause = _summary(error, 300)
+    self._saving = None
+    self._background.quiet_asyncio()
+    try:  # its input position is no checkpoint's; orbax removes its partial step on restart
+      folder, mine = join(self.data_dir, str(step)), f'process_{jax.process_index()}'
+      for name in listdir(folder):
+        if name == mine or name.startswith(mine + '.'):
+          remove(join(folder, name))
+      if not listdir(folder):
+        rmtree(folder)
+      self.manager.reload()  # the steps on disk, for describe_last_good
+    except Exception:  # the error to report is the save's
+      pass
     return CheckpointError(
-        f'Saving checkpoint step {step} to {self.model_dir} failed: {cause}. Nothing after '
-        f'it was saved; {self.describe_last_good()} and intact. Fix the cause (free space, '
-        'permissions) and rerun the same command to resume.')
+        f'Saving checkpoint step {step} to {self.model_dir} failed{_write_cause(error)}. '
+        f'Nothing after it was saved; {self.describe_last_good()} and intact. Fix the cause '
+        '(free space, quota, permissions) and rerun the same command to resume.')
 
   def check(self) -> None:
-    """Raises `CheckpointError` if the save in flight (async) has failed."""
+    """Raises `CheckpointError` if the save in flight (async) has failed; cheap enough to call
+    after every step, so that a failed save stops the run at the next step boundary.
+
+    Orbax's background threads log their error and its manager's finalize thread consumes it
+    (`check_for_errors` then says nothing): the error comes from `_BackgroundErrors`, and a
+    save that ended without its step directory is a failure even without one. With several
+    processes each verdict is agreed (one small collective per step while a save is in
+    flight), so that all stop at the same step.
+    """
     if self._saving is None:
       return
-    try:
-      self.manager.check_for_errors()
-    except Exception as e:
-      step, self._saving = self._saving, None
-      raise self._save_failed(step, e) from e
+    error = self._background.take()
+    if error is None:
+      try:
+        self.manager.check_for_errors()
+      except Exception as e:
+        error = e
+    done = error is None and not self.manager.is_saving_in_progress()
+    if done and self._stage is None and not isdir(join(self.directory, str(self._saving))):
+      error = RuntimeError('orbax ended the save without its step directory')
+    if jax.process_count() > 1:
+      failed = _any_process(error is not None)
+      error = error or (RuntimeError('it failed on another process') if failed else None)
+      done = not _any_process(not done)
+    if error is not None:
+      raise self._save_failed(self._saving, error) from error
+    if done and self._stage is None:
+      self._saving = None
 
   def _remove_stale_data(self) -> None:
     if jax.process_index() != 0 or not isdir(self.data_dir):
@@ -681,7 +767,9 @@ class Checkpoints:
       if self._saving is None:
         raise
       raise self._save_failed(self._saving, e) from e
+    saving = self._saving
     self.check()
+    self._saving = saving
     if self._stage is not None and self._saving is not None:
       try:
         self._upload()
@@ -692,7 +780,10 @@ class Checkpoints:
     self._saving = None
 
   def close(self) -> None:
-    self.manager.close()
+    try:
+      self.manager.close()
+    finally:
+      self._background.uninstall()
     if self._stage is not None:
       shutil.rmtree(self._stage, ignore_errors=True)
 
@@ -900,6 +991,73 @@ def _file_digests(path: str) -> dict[str, str]:
       with open_file(join(folder, name), 'rb') as f:
         digests[name] = hashlib.sha256(f.read()).hexdigest()
   return digests
+
+
+class _BackgroundErrors(logging.Filter):
+  """Keeps the first error orbax's background save threads log, for `Checkpoints.check`, and
+  keeps their tracebacks (one per thread, and one per tensorstore callback that finds the
+  save's event loop closed) out of the run's output; UL2_TRACEBACK=1 lets them through."""
+
+  def __init__(self):
+    super().__init__()
+    self.error: BaseException | None = None
+    self._hook = None
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or 'orbax' not in record.pathname:
+      return True
+    if record.exc_info and record.exc_info[1] is not None and self.error is None:
+      self.error = record.exc_info[1]
+    return bool(os.environ.get('UL2_TRACEBACK')) or not (record.exc_info or self.error)
+
+  @staticmethod
+  def quiet_asyncio() -> None:
+    """After a failed save, the futures of its other writes report 'exception was never
+    retrieved' when the interpreter collects them, at exit: the error was reported."""
+    if not os.environ.get('UL2_TRACEBACK'):
+      logging.getLogger('asyncio').addFilter(
+          lambda record: 'exception was never retrieved' not in str(record.msg))
+
+  def take(self) -> BaseException | None:
+    error, self.error = self.error, None
+    return error
+
+  def _unraisable(self, unraisable) -> None:
+    closed = (isinstance(unraisable.exc_value, RuntimeError)
+              and str(unraisable.exc_value) == 'Event loop is closed')
+    if not closed or os.environ.get('UL2_TRACEBACK'):
+      self._hook(unraisable)
+
+  def install(self) -> None:
+    logging.getLogger('absl').addFilter(self)
+    self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+
+  def uninstall(self) -> None:
+    logging.getLogger('absl').removeFilter(self)
+    if sys.unraisablehook == self._unraisable:
+      sys.unraisablehook = self._hook
+
+
+def _write_cause(error: BaseException) -> str:
+  """' writing <file>: <cause>' from a write error (an OSError, or the text tensorstore and
+  TensorFlow put around one), else ': <its message>' on one line.
+
+  >>> _write_cause(OSError(27, 'File too large', '/run/checkpoints/6/d/8a2f'))
+  ' writing /run/checkpoints/6/d/8a2f: File too large'
+  >>> _write_cause(ValueError('OUT_OF_RANGE: Error writing "params.x/0" in OCDBT database at '
+  ...     'local file "/run/c/": Failed writing: "/run/c/d/8a2f": Failed to write 6041600 '
+  ...     "bytes to file 7: File too large [os_error_code='27']"))
+  ' writing /run/c/d/8a2f: File too large'
+  """
+  for e in (error, error.__cause__, error.__context__):
+    if isinstance(e, OSError) and e.filename and e.strerror:
+      return f' writing {e.filename}: {e.strerror}'
+  text = ' '.join(str(error).split())
+  paths = re.findall(r'(?:[a-z][a-z0-9+]*://|/)[^\s"\';,\]\[]+', text)
+  cause = re.sub(r'\s*\[[^\]]*\]\s*$', '', re.split(r': |; ', text)[-1]).strip()
+  if paths and cause and len(cause) < 200:
+    return f' writing {paths[-1]}: {cause}'
+  return f': {_summary(error, 300)}'
 
 
 def _summary(error: BaseException, limit: int) -> str:
