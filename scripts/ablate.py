@@ -4,7 +4,7 @@ each measured on per-denoiser validation, fine-tuned on SuperGLUE and asked to g
     python scripts/ablate.py --output runs/ablation                     # ul2_cpu scale, CPU
     python scripts/ablate.py --output runs/ablation_tiny --preset tiny  # the grid in minutes
     python scripts/ablate.py --output /ckpt/ablation_base --model base \\
-        --decoder_only_model decoder_only_base --tokens 2000000000 --inputs_length 512 \\
+        --decoder_only_model prefix_lm_base --tokens 2000000000 --inputs_length 512 \\
         --targets_length 512 --batch_size 128 --finetune_steps 2000 --seeds 0,1,2
 
 For each seed, architecture (encoder_decoder: `--model`; decoder_only: `--decoder_only_model`)

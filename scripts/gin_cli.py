@@ -23,6 +23,13 @@ import gin
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_DIR = os.path.join(REPO, 'gin_configs')
+# Gin files whose old name said something they were not: the name a command gives -> the new.
+RENAMED = {
+    'models/decoder_only_base.gin': "ul2's decoder-only prefix LM (untied logits, 134.3M) is "
+    'models/prefix_lm_base.gin; T5X\'s decoder-only base (tied, causal, 109.6M) is '
+    'models/t5x_decoder_only_base.gin.',
+    'models/decoder_only_large.gin': 'it is models/prefix_lm_large.gin (a prefix LM).',
+}
 
 _format_warning = warnings.formatwarning
 
@@ -78,6 +85,8 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = (),
   for path in gin_files:
     if not os.path.exists(path) and os.path.exists(os.path.join(GIN_DIR, path)):
       path = os.path.join(GIN_DIR, path)
+    if not os.path.exists(path) and os.path.normpath(path) in RENAMED:
+      raise FileNotFoundError(f'gin file {path!r} was renamed: {RENAMED[os.path.normpath(path)]}')
     if not os.path.exists(path):
       raise FileNotFoundError(f'gin file {path!r} not found, neither as given nor under '
                               f'{GIN_DIR}; pass e.g. --gin_file=models/tiny.gin')

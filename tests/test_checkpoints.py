@@ -114,3 +114,56 @@ def test_checkpoints_docstring_examples():
   import doctest
   result = doctest.testmod(checkpoints)
   assert result.attempted >= 5 and result.failed == 0
+
+
+def other_run(heartbeat_age_s=0.0):
+  import time
+  return json.dumps({'host': 'host-b', 'pid': 4242, 'started': 1.0,
+                     'heartbeat': time.time() - heartbeat_age_s})
+
+
+def test_a_lease_on_a_url_is_read_back_and_the_overwritten_racer_refuses(tmp_path):
+  """gfile has no create-if-absent: of two runs that both found no lease, the one whose record
+  is overwritten within the settle time refuses, naming the other."""
+  import threading
+  url = f'file://{tmp_path}'
+  lease = checkpoints.Lease(url, settle_s=1.0)
+  outcome = {}
+  racer = threading.Thread(target=lambda: outcome.setdefault('error', _refusal(lease)))
+  racer.start()
+  path = tmp_path / checkpoints.LEASE
+  while not (path.exists() and path.read_text()):
+    pass
+  path.write_text(other_run())  # the other run writes just after us
+  racer.join()
+  assert str(outcome['error']).startswith(
+      f'{url} is being written by process 4242 on host-b (heartbeat 1 s ago)'), outcome
+  assert json.loads(path.read_text())['host'] == 'host-b' and not lease.held
+
+
+def _refusal(lease):
+  try:
+    lease.acquire()
+  except checkpoints.CheckpointError as e:
+    return e
+  return None
+
+
+def test_a_run_whose_lease_another_run_took_stops_and_leaves_it(tmp_path):
+  """Two writes further apart than the settle time both pass; each heartbeat reads the lease
+  first, and the run that finds another's record stops at its next step (`check`) without
+  overwriting it or removing it when it ends."""
+  import time
+  url = f'file://{tmp_path}'
+  lease = checkpoints.Lease(url, heartbeat_s=0.05, settle_s=0.0).acquire()
+  lease.check()  # ours: nothing to say
+  (tmp_path / checkpoints.LEASE).write_text(other_run())
+  deadline = time.time() + 30
+  while lease.lost is None and time.time() < deadline:
+    time.sleep(0.05)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=rf'^{url} is now written by process 4242 on host-b, which took the '
+                           'lease; this run stops'):
+    lease.check()
+  lease.release()
+  assert json.loads((tmp_path / checkpoints.LEASE).read_text())['pid'] == 4242

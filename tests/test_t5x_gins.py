@@ -174,9 +174,14 @@ def used_macros(macros, params):
 
 
 RUNS = {
-    'pretrain': ('t5x/configs/runs/pretrain.gin', 'ul2_pretrain.gin', {'MODEL_DIR'}),
-    'finetune': ('t5x/configs/runs/finetune.gin', 'ul2_finetune_superglue.gin',
+    'pretrain': ('t5x/configs/runs/pretrain.gin', ('ul2_pretrain.gin',), {'MODEL_DIR'}),
+    'pretrain_cpu': ('t5x/configs/runs/pretrain.gin', ('ul2_pretrain.gin', 'ul2_cpu.gin'),
+                     {'MODEL_DIR'}),
+    'finetune': ('t5x/configs/runs/finetune.gin', ('ul2_finetune_superglue.gin',),
                  {'MODEL_DIR', 'INITIAL_CHECKPOINT_PATH'}),
+    'finetune_cpu': ('t5x/configs/runs/finetune.gin',
+                     ('ul2_finetune_superglue.gin', 'ul2_cpu.gin'),
+                     {'MODEL_DIR', 'INITIAL_CHECKPOINT_PATH'}),
 }
 
 
@@ -184,14 +189,14 @@ RUNS = {
 def test_ul2_gin_files_complete_t5xs_runs(run):
   """T5X's small.gin + T5X's run gin + ul2's: every parameter bound exists in T5X's code, every
   macro ul2 sets is read by T5X's files, and only the macros a user passes stay required."""
-  t5x_run_gin, ul2_gin, user_passes = RUNS[run]
+  t5x_run_gin, ul2_gins, user_passes = RUNS[run]
   macros, params, imports = t5x_run(os.path.join(T5X_T5_1_1, 'small.gin'),
                                     os.path.join(GINS, t5x_run_gin),
-                                    os.path.join(UL2_T5X, ul2_gin))
+                                    *[os.path.join(UL2_T5X, g) for g in ul2_gins])
   for (_, selector, name), _ in params.items():
     if selector in CONFIGURABLES:
       assert name in CONFIGURABLES[selector], f'{selector}.{name} is not a T5X parameter'
-  ours = {st.selector for st in statements(os.path.join(UL2_T5X, ul2_gin))
+  ours = {st.selector for g in ul2_gins for st in statements(os.path.join(UL2_T5X, g))
           if isinstance(st, config_parser.BindingStatement) and not st.arg_name}
   theirs_use = used_macros(*t5x_run(os.path.join(T5X_T5_1_1, 'small.gin'),
                                     os.path.join(GINS, t5x_run_gin))[:2])
@@ -209,3 +214,25 @@ def test_ul2_gin_files_complete_t5xs_runs(run):
   assert vocabulary.get_vocabulary() == seqio.SentencePieceVocabulary(
       vocabulary.SPM_PATH, extra_ids=100)
   assert isinstance(macros['DROPOUT_RATE'], float)
+  # T5X's BATCH_SIZE = 128 (pretrain.gin) replaced on a CPU: the run fits in memory.
+  assert macros['BATCH_SIZE'] == (8 if run.endswith('_cpu') else
+                                  {'pretrain': 128, 'finetune': macros['BATCH_SIZE']}[run])
+
+
+def test_t5x_decoder_only_base_in_ul2_is_t5xs_exactly():
+  """models/t5x_decoder_only_base.gin is T5X's decoder-only base (tied, causal, 109.6M);
+  models/prefix_lm_base.gin, the UL2 paper's baseline, is not, and its name says so."""
+  theirs = gin_cli.model_config([os.path.join(GINS, 't5x', 'examples', 'decoder_only', 'models',
+                                              'base.gin')])
+  ours = gin_cli.model_config(['models/t5x_decoder_only_base.gin'])
+  assert ours == theirs
+  assert network.count_parameters(network.param_shapes(ours)) == 109_628_544
+  prefix_lm = gin_cli.model_config(['models/prefix_lm_base.gin'])
+  assert prefix_lm.prefix_lm and not prefix_lm.logits_via_embedding
+  assert network.count_parameters(network.param_shapes(prefix_lm)) == 134_302_848
+
+
+def test_a_renamed_model_gin_says_what_it_became():
+  with pytest.raises(FileNotFoundError, match=r"'models/decoder_only_base.gin' was renamed: .*"
+                     r'models/prefix_lm_base.gin; .* models/t5x_decoder_only_base.gin'):
+    gin_cli.model_config(['models/decoder_only_base.gin'])

@@ -810,24 +810,34 @@ class Lease:
   """One writer per model_dir: a run holds `model_dir/LEASE.json` (host, process id, start,
   heartbeat) while it runs, and a second run refuses to start in one line naming the holder.
 
-  The file is created only if absent (`O_CREAT | O_EXCL` on a local disk; on a URL an
-  existence check first, since gfile has no create-if-absent precondition: two runs starting
-  in the same second can both pass it). A lease is stale, and taken over with a note, when its
-  process is gone (same host) or its heartbeat, rewritten every `heartbeat_s`, is older than
-  `stale_s` (another host: a run killed there). A multi-host job holds one lease: process 0
-  takes it and every process learns whether it did.
+  The file is created only if absent: `O_CREAT | O_EXCL` on a local disk. gfile (URLs) has no
+  create-if-absent precondition, so there it is check, write, and read back `settle_s` later:
+  of two runs racing, the one whose record was overwritten refuses. Two writes further apart
+  than that can still both pass, so every heartbeat reads the lease first: a run whose lease
+  now holds another run's record stops at its next step (`check`) instead of writing on. A
+  lease is stale, and taken over with a note, when its process is gone (same host) or its
+  heartbeat, rewritten every `heartbeat_s`, is older than `stale_s` (another host: a run killed
+  there). A multi-host job holds one lease: process 0 takes it and every process learns
+  whether it did.
   """
 
-  def __init__(self, model_dir: str, heartbeat_s: float = 30.0, stale_s: float = 600.0):
+  def __init__(self, model_dir: str, heartbeat_s: float = 30.0, stale_s: float = 600.0,
+               settle_s: float = 1.0):
     self.path = join(model_dir, LEASE)
-    self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+    self.heartbeat_s, self.stale_s, self.settle_s = heartbeat_s, stale_s, settle_s
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self.held = False
+    self.lost: dict | None = None  # the record that replaced ours, seen by a heartbeat
 
   def _record(self, started: float) -> str:
     return json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), 'started': started,
                        'heartbeat': time.time()})
+
+  @staticmethod
+  def _ours(holder: dict | None, started: float) -> bool:
+    return bool(holder) and (holder.get('host'), holder.get('pid'), holder.get('started')) == (
+        socket.gethostname(), os.getpid(), started)
 
   def _holder(self) -> dict | None:
     try:
@@ -850,12 +860,14 @@ class Lease:
     age = time.time() - float(holder.get('heartbeat', 0))
     return f'its heartbeat is {age:.0f} s old' if age > self.stale_s else None
 
-  def _create(self, text: str) -> bool:
+  def _create(self, started: float) -> bool:
+    text = self._record(started)
     if is_url(self.path):
       if exists(self.path):
         return False
       _write_text(self.path, text)
-      return True
+      time.sleep(self.settle_s)  # a run racing us has written by now: the last write wins
+      return self._ours(self._holder(), started)
     try:
       fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -869,7 +881,7 @@ class Lease:
     refusal = None
     if jax.process_index() == 0:
       started = time.time()
-      if not self._create(self._record(started)):
+      if not self._create(started):
         holder = self._holder() or {}
         why = self._stale(holder)
         if why is None:
@@ -898,9 +910,28 @@ class Lease:
   def _beat(self, started: float) -> None:
     while not self._stop.wait(self.heartbeat_s):
       try:
+        holder = self._holder()
+        if holder is not None and not self._ours(holder, started):
+          self.lost = holder  # another run writes here now: stop (check), never overwrite
+          return
         _write_text(self.path, self._record(started))
       except Exception:  # a missed beat only ages the lease
         pass
+
+  def check(self, saving: bool = False) -> None:
+    """Raises `CheckpointError` once a heartbeat found another run's record in the lease: at
+    any step with one process; with several at a checkpoint (`saving`), all agreeing."""
+    lost = self.lost is not None
+    if jax.process_count() > 1:
+      if not saving:
+        return
+      lost = _any_process(lost)
+    if lost:
+      holder = self.lost or self._holder() or {}
+      raise CheckpointError(
+          f'{parent(self.path)} is now written by process {holder.get("pid")} on '
+          f'{holder.get("host")}, which took the lease; this run stops so that one writer '
+          'remains. Stop one of the two runs and resume with the same command.')
 
   def release(self) -> None:
     if not self.held:

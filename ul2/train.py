@@ -401,6 +401,7 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
       done = step + 1
       records.add(done, metrics)
       checkpoints.check()  # a failed asynchronous save stops the run at once
+      lease.check()  # so does another run that took the model_dir over
       stop = signals.agreed(done)
       if _due(done, run.log_every, run.steps) or stop:
         checkpoints.check_finite_loss(records.flush(done))
@@ -420,6 +421,7 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
           best = _keep_best(run, done, task_metrics, state.params, model, best, mode)
       if inputs.pipeline is not None and (_due(done, run.checkpoint_every, run.steps) or stop):
         checkpoints.check_finite_loss(records.persist(done))
+        lease.check(saving=True)
         checkpoints.save(done, state, inputs.pipeline)
       if stop:
         checkpoints.wait()
