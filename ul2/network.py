@@ -123,7 +123,7 @@ class Config:
   logits_via_embedding: bool = False
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
-  float32_attention_logits: bool = True  # softmax in float32 even for bfloat16 activations
+  float32_attention_logits: bool = False  # T5X's: bfloat16 attention logits with bfloat16 activations
   layer_norm_epsilon: float = 1e-6
   # 'encoder_decoder' (T5, UL2) or 'decoder_only' (T5X's decoder_only example: one stack of
   # num_decoder_layers layers without cross-attention; num_encoder_layers is unused).
@@ -320,12 +320,16 @@ class Dense(nn.Module):
     # [..., in] -> [tokens, in] @ [in, out]: a plain 2-D matmul. Its gradient w.r.t. the
     # kernel then contracts one axis; XLA:CPU runs a contraction over (batch, length) several
     # times slower (3x the step time of a 32k-vocabulary model).
+    # The cast first, as T5X's DenseGeneral: XLA then sees convert -> dot, and may skip a
+    # bfloat16 rounding before a float32 product (logits_dense) exactly where it does for T5X.
+    x = x.astype(self.dtype)
     y = dot(x.reshape(-1, x.shape[-1]), kernel, self.dtype)
     return y.reshape(x.shape[:-1] + (self.features,))
 
 
 class RMSNorm(nn.Module):
-  """T5's layer norm: scale only, no mean subtraction, no bias; statistics in float32."""
+  """T5's layer norm: scale only, no mean subtraction, no bias; statistics in float32, the
+  scale applied in `dtype` (as T5X's `layers.LayerNorm`: bfloat16 rounds before the scale)."""
 
   epsilon: float = 1e-6
   dtype: Any = jnp.float32
@@ -334,8 +338,8 @@ class RMSNorm(nn.Module):
   def __call__(self, x: Array) -> Array:
     scale = _param(self, 'scale', nn.initializers.ones, (x.shape[-1],), ('embed',))
     x32 = jnp.asarray(x, jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-    return jnp.asarray(x32 * scale, self.dtype)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    return jnp.asarray(y, self.dtype) * jnp.asarray(scale, self.dtype)
 
 
 class Embed(nn.Module):
