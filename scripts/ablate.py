@@ -20,7 +20,10 @@ OUTPUT/<architecture>/<objective>/seed<k>/:
   finetune_<task>/   each fine-tuning run (runs/finetune.gin, `--finetune_steps` steps)
 
 then OUTPUT/ablation.md, ablation.json and ablation.png: one row per architecture and
-objective, mean +/- standard deviation over the seeds. Everything resumes: a finished stage is
+objective, mean +/- standard deviation over the seeds (error bars on axes around the data), and
+the price of generality: per architecture, the MoD model's loss minus each specialist's on the
+specialist's own stream (span corruption: R(3,0.15) with [NLU]; prefix and causal LM: [S2S]),
+paired by seed, with whether it is within seed noise. Everything resumes: a finished stage is
 read back, an interrupted one continues from its last checkpoint. `--gin.NAME=VALUE` bindings
 go to every pretraining run (e.g. --gin.train.OptimizerConfig.learning_rate=0.005).
 """
@@ -224,8 +227,62 @@ def summarize(args, results: list[dict]) -> tuple[str, list[dict]]:
   return '\n'.join(lines), rows
 
 
-def plot(rows: list[dict], path: str) -> None:
-  """ablation.png: per-mode validation loss and the SuperGLUE average, per run."""
+# Each specialist and the validation stream it was trained for: the price of generality is the
+# MoD model's loss there minus the specialist's (the other columns favour MoD by construction:
+# its [NLG] and [S2S] streams are MoD's own denoisers with their mode tokens).
+SPECIALISTS = {'t5_span_corruption': 'denoiser/R(3,0.15)', 'prefix_lm': 'mode/[S2S]',
+               'causal_lm': 'mode/[S2S]'}
+
+
+def generality_gaps(results: list[dict]) -> tuple[str, list[dict]]:
+  """Per architecture and specialist: ul2_mod's validation loss on the specialist's own stream
+  minus the specialist's, per seed (runs paired by seed), as mean and standard deviation over
+  seeds. The gap is 'within seed noise' when its mean is at most twice the larger standard
+  deviation of the two models' losses over seeds.
+
+  >>> runs = [{'architecture': 'encoder_decoder', 'objective': o, 'seed': s,
+  ...          'validation': {'denoiser/R(3,0.15)': {'loss': loss}}}
+  ...         for o, s, loss in (('ul2_mod', 0, 5.1), ('ul2_mod', 1, 5.3),
+  ...                            ('t5_span_corruption', 0, 5.0), ('t5_span_corruption', 1, 5.0))]
+  >>> table, rows = generality_gaps(runs)
+  >>> rows[0]['gap'], rows[0]['within_seed_noise']
+  ({'mean': 0.2, 'std': 0.141}, True)
+  """
+  import numpy as np
+  loss = {(r['architecture'], r['objective'], r['seed']): r['validation'] for r in results}
+  rows = []
+  for arch in dict.fromkeys(r['architecture'] for r in results):
+    for specialist, stream in SPECIALISTS.items():
+      seeds = sorted(s for a, o, s in loss if a == arch and o == specialist
+                     and (arch, 'ul2_mod', s) in loss and stream in loss[arch, o, s])
+      if not seeds:
+        continue
+      mod = np.array([loss[arch, 'ul2_mod', s][stream]['loss'] for s in seeds])
+      spec = np.array([loss[arch, specialist, s][stream]['loss'] for s in seeds])
+      std = lambda x: float(x.std(ddof=1)) if len(x) > 1 else 0.0
+      gap = mod - spec
+      noise = 2 * max(std(mod), std(spec))
+      rows.append({'architecture': arch, 'specialist': specialist, 'stream': stream,
+                   'seeds': len(seeds),
+                   'ul2_mod': {'mean': round(float(mod.mean()), 3), 'std': round(std(mod), 3)},
+                   'specialist_loss': {'mean': round(float(spec.mean()), 3),
+                                       'std': round(std(spec), 3)},
+                   'gap': {'mean': round(float(gap.mean()), 3), 'std': round(std(gap), 3)},
+                   'within_seed_noise': bool(len(seeds) > 1 and abs(gap.mean()) <= noise)})
+  lines = ['| architecture | specialist | its stream | seeds | ul2_mod loss | specialist loss | '
+           'gap (MoD - specialist) | within seed noise? |', '|---|---|---|---:|---:|---:|---:|---|']
+  cell = lambda v: f"{v['mean']:.3f} ± {v['std']:.3f}"
+  for r in rows:
+    verdict = ('yes' if r['within_seed_noise'] else 'no') if r['seeds'] > 1 else 'one seed'
+    lines.append(f"| {r['architecture']} | {r['specialist']} | {r['stream']} | {r['seeds']} | "
+                 f"{cell(r['ul2_mod'])} | {cell(r['specialist_loss'])} | {cell(r['gap'])} | "
+                 f'{verdict} |')
+  return '\n'.join(lines), rows
+
+
+def plot(rows: list[dict], path: str) -> dict[str, tuple[float, float]]:
+  """ablation.png: per-mode validation loss and the SuperGLUE average, per run, with error
+  bars; returns each panel's y range."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -242,9 +299,16 @@ def plot(rows: list[dict], path: str) -> None:
                   for r in rows])
     ax.set_xticks(x, labels, rotation=90, fontsize=7)
     ax.set_title(name, fontsize=9)
+    # Axes around the data, not from 0: the differences discussed are tenths of a nat.
+    low = min(r[name]['mean'] - r[name]['std'] for r in rows)
+    high = max(r[name]['mean'] + r[name]['std'] for r in rows)
+    margin = 0.15 * (high - low) or 0.05 * abs(high) or 0.1
+    ax.set_ylim(low - margin, high + margin)
+  limits = {name: tuple(map(float, ax.get_ylim())) for ax, name in zip(axes[0], panels)}
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+  return limits
 
 
 def main(argv=None):
@@ -260,6 +324,7 @@ def main(argv=None):
   results = [run_cell(args, arch, objective, seed, steps)
              for arch, objective, seed in cells(args)]
   table, rows = summarize(args, results)
+  gap_table, gaps = generality_gaps(results)
   header = (f'{steps} pretraining steps of {args.batch_size} x '
             f'({args.inputs_length} + {args.targets_length}) tokens = '
             f'{steps * row_tokens:,} tokens per run; validation loss per mode on the '
@@ -268,11 +333,15 @@ def main(argv=None):
             f'{args.few_shot}-shot.')
   with open(os.path.join(args.output, 'ablation.md'), 'w') as f:
     f.write(f'# Ablation\n\n{header}\n\n{table}\n')
+    if gaps:
+      f.write(f'\nThe price of generality: the MoD model against each specialist on the '
+              f'stream that specialist was trained for.\n\n{gap_table}\n')
   with open(os.path.join(args.output, 'ablation.json'), 'w') as f:
     json.dump({'settings': {k: v for k, v in vars(args).items()}, 'steps': steps,
-               'rows': rows, 'runs': results}, f, indent=1)
+               'rows': rows, 'gaps': gaps, 'runs': results}, f, indent=1)
   plot(rows, os.path.join(args.output, 'ablation.png'))
-  print(f'{header}\n\n{table}\n\nWrote {args.output}/ablation.md, ablation.json, ablation.png')
+  print(f'{header}\n\n{table}\n' + (f'\n{gap_table}\n' if gaps else '')
+        + f'\nWrote {args.output}/ablation.md, ablation.json, ablation.png')
   return rows
 
 

@@ -60,6 +60,43 @@ def test_summary_gives_mean_and_standard_deviation_over_seeds():
       in table
 
 
+def test_the_price_of_generality_pairs_seeds_and_says_whether_it_is_noise(tmp_path):
+  """MoD against each specialist on the specialist's own stream, per architecture, paired by
+  seed: a gap larger than twice the seeds' spread is not noise, a smaller one is."""
+  import ablate
+  import numpy as np
+  losses = {  # (architecture, objective): per seed, {stream: loss}
+      ('encoder_decoder', 'ul2_mod'): [(5.10, 6.0), (5.20, 6.1), (5.15, 6.2)],
+      ('encoder_decoder', 't5_span_corruption'): [(5.00, 7.0), (5.05, 7.1), (5.00, 7.2)],
+      ('encoder_decoder', 'prefix_lm'): [(6.0, 6.05), (6.1, 6.0), (6.2, 6.1)],
+      ('decoder_only', 'ul2_mod'): [(5.5, 6.40), (5.6, 6.50), (5.7, 6.45)],
+      ('decoder_only', 'causal_lm'): [(6.5, 6.10), (6.6, 6.15), (6.7, 6.12)],
+  }
+  runs = [{'architecture': arch, 'objective': objective, 'seed': seed,
+           'validation': {'denoiser/R(3,0.15)': {'loss': r}, 'mode/[S2S]': {'loss': s2s}},
+           'superglue': {}}
+          for (arch, objective), values in losses.items()
+          for seed, (r, s2s) in enumerate(values)]
+  table, rows = ablate.generality_gaps(runs)
+  by = {(r['architecture'], r['specialist']): r for r in rows}
+  assert sorted(by) == [('decoder_only', 'causal_lm'), ('encoder_decoder', 'prefix_lm'),
+                        ('encoder_decoder', 't5_span_corruption')]
+  span = by['encoder_decoder', 't5_span_corruption']
+  gap = np.array([5.10, 5.20, 5.15]) - np.array([5.00, 5.05, 5.00])
+  assert span['gap'] == {'mean': round(gap.mean(), 3), 'std': round(gap.std(ddof=1), 3)}
+  assert span['stream'] == 'denoiser/R(3,0.15)' and span['seeds'] == 3
+  assert not span['within_seed_noise']  # 0.133 against 2 x 0.05
+  assert by['encoder_decoder', 'prefix_lm']['within_seed_noise']  # 0.05 against 2 x 0.1
+  assert by['decoder_only', 'causal_lm']['gap']['mean'] == pytest.approx(0.327, abs=1e-3)
+  assert ('| encoder_decoder | t5_span_corruption | denoiser/R(3,0.15) | 3 | 5.150 ± 0.050 | '
+          '5.017 ± 0.029 | 0.133 ± 0.029 | no |') in table
+
+  args = ablate.parse_args(['--output', str(tmp_path), '--finetune_tasks', 'cb'])
+  _, summary = ablate.summarize(args, runs)
+  limits = ablate.plot(summary, str(tmp_path / 'ablation.png'))
+  assert limits['loss [S2S]'][0] > 5.5  # around the data (6.0-6.6), not from 0
+
+
 def test_the_tiny_preset_sets_defaults_that_given_flags_override():
   import ablate
   args = ablate.parse_args(['--output', '/tmp/unused', '--preset', 'tiny', '--seeds', '0,1,2',
