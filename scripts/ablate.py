@@ -69,7 +69,7 @@ def parse_args(argv):
   p.add_argument('--targets_length', type=int, default=128, help='pretraining target tokens')
   p.add_argument('--batch_size', type=int, default=16, help='pretraining rows per step')
   p.add_argument('--finetune_tasks', default=','.join(FINETUNE_TASKS),
-                 help='SuperGLUE tasks to fine-tune on, comma-separated')
+                 help="SuperGLUE tasks to fine-tune on, comma-separated ('': none)")
   p.add_argument('--finetune_steps', type=int, default=40, help='fine-tuning steps per task')
   p.add_argument('--finetune_batch_size', type=int, default=16, help='fine-tuning rows per step')
   p.add_argument('--finetune_inputs_length', type=int, default=192, help='fine-tuning inputs')
@@ -161,7 +161,7 @@ def run_cell(args, arch: str, objective: str, seed: int, steps: int) -> dict:
                             max_examples=args.generation_examples, batch_size=16, seed=seed)
     result['generation'] = r.metrics
   result['superglue'] = {}
-  for task in args.finetune_tasks.split(','):
+  for task in filter(None, args.finetune_tasks.split(',')):  # '': no fine-tuning
     finetune_dir = os.path.join(folder, f'finetune_{task}')
     print(f'== {arch} / {objective} / seed {seed}: fine-tuning on {task}', flush=True)
     bindings = [f"MIXTURE_OR_TASK_NAME='superglue_{task}'",
@@ -325,12 +325,14 @@ def main(argv=None):
              for arch, objective, seed in cells(args)]
   table, rows = summarize(args, results)
   gap_table, gaps = generality_gaps(results)
-  header = (f'{steps} pretraining steps of {args.batch_size} x '
-            f'({args.inputs_length} + {args.targets_length}) tokens = '
-            f'{steps * row_tokens:,} tokens per run; validation loss per mode on the '
-            f'{args.corpus} MoD validation streams; SuperGLUE: validation after '
-            f'{args.finetune_steps} fine-tuning steps; ROUGE-L: {args.generation_task}, '
-            f'{args.few_shot}-shot.')
+  finetuned = ([f'SuperGLUE: validation after {args.finetune_steps} fine-tuning steps']
+               if args.finetune_tasks else [])
+  generated = ([f'ROUGE-L: {args.generation_task}, {args.few_shot}-shot']
+               if args.generation_task != 'none' else [])
+  header = '; '.join([f'{steps} pretraining steps of {args.batch_size} x '
+                      f'({args.inputs_length} + {args.targets_length}) tokens = '
+                      f'{steps * row_tokens:,} tokens per run', 'validation loss per mode on '
+                      f'the {args.corpus} MoD validation streams', *finetuned, *generated]) + '.'
   with open(os.path.join(args.output, 'ablation.md'), 'w') as f:
     f.write(f'# Ablation\n\n{header}\n\n{table}\n')
     if gaps:
