@@ -453,6 +453,7 @@ class Checkpoints:
     self.data_dir = join(model_dir, DATA)
     self.directory = absolute(join(model_dir, CHECKPOINTS))  # what messages name
     self._stage = None if orbax_writes(model_dir) else self._stage_from(self.directory)
+    self.keep = keep
     self.verified: int | None = None  # the step restored and verified, kept by the rotation
     self._saving: int | None = None  # the step of the save in flight
     self._checksums = jax.jit(_checksums_and_finite)
@@ -705,6 +706,7 @@ class Checkpoints:
       if batches is not None:
         self.restore_position(step, batches, resume_input, log)
       self.verified = step
+      self._trim()
       return restored
     if damaged:
       raise CheckpointError(
@@ -712,6 +714,18 @@ class Checkpoints:
           f'moved to {join(self.model_dir, QUARANTINE)}. Rerun to start the run from its '
           'beginning, or restore a copy of a checkpoint first.')
     return None
+
+  def _trim(self) -> None:
+    """Applies the rotation to the steps a previous process left: one killed after a save was
+    committed and before the oldest step was removed leaves `keep` + 1 (at 18, 21, 24 with
+    keep=2 and 24 verified, 18 goes now rather than at this run's first save)."""
+    steps = sorted(self.all_steps())
+    for step in steps[:-self.keep]:
+      if step != self.verified:
+        self.manager.delete(step)
+        if self._stage is not None:
+          rmtree(join(self.directory, str(step)))
+    self._remove_stale_data()
 
   def quarantine(self, step: int) -> str:
     """Moves `step`'s checkpoint and input positions to model_dir/quarantine/<step>[.<n>]/."""
