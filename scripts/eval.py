@@ -6,7 +6,7 @@ rank scoring; a results table (markdown and JSON) with per-task metrics and the 
         --method rank --mode '[NLU]' --output /tmp/eval
 
 `--checkpoint`: a model_dir of ours (its latest checkpoint, or `best/` with --best), a
-checkpoints/<step> folder, an HF T5/UL2 directory or a T5X checkpoint_N folder. The model
+checkpoint_<step> folder, an HF T5/UL2 directory or a T5X checkpoint_<step> folder. The model
 config comes from model_config.json / config.json or `--gin_file=models/<size>.gin`.
 `--method auto` ranks the label candidates of classification tasks and decodes ReCoRD and
 WSC (whose model names the referent). With `--best`, the mode token and the method default to
@@ -170,7 +170,7 @@ def by_denoiser(args) -> dict:
 def main(argv=None):
   parser = gin_cli.argument_parser(__doc__)
   parser.add_argument('--checkpoint', required=True,
-                      help='a model_dir, checkpoints/<step>, an HF or a T5X directory')
+                      help='a model_dir, checkpoint_<step>, an HF or a T5X directory')
   parser.add_argument('--best', action='store_true', help='use MODEL_DIR/best/ (fine-tuning)')
   parser.add_argument('--gin_file', action='append', default=[],
                       help='models/<size>.gin when the checkpoint has no config')

@@ -3,7 +3,7 @@
     python scripts/export_hf.py --checkpoint runs/quickstart --output /tmp/ul2_hf
     python -c "import transformers; transformers.T5ForConditionalGeneration.from_pretrained('/tmp/ul2_hf')"
 
-`--checkpoint` is a model_dir (its latest step), its checkpoints/ folder or one step folder.
+`--checkpoint` is a model_dir (its latest step), one of its checkpoint_<step> folders or `best/`.
 The model config comes from the model_dir's model_config.json (written by training), or from
 `--gin_file=models/<size>.gin`. Writes config.json (feed_forward_proj and tie setting),
 model.safetensors, generation_config.json and the SentencePiece tokenizer files.
@@ -20,7 +20,7 @@ import gin_cli  # noqa: E402
 def main(argv=None):
   parser = gin_cli.argument_parser(__doc__)
   parser.add_argument('--checkpoint', required=True,
-                      help='a model_dir, its best/, checkpoints/<step> or a T5X directory')
+                      help='a model_dir, its best/, checkpoint_<step> or a T5X directory')
   parser.add_argument('--output', required=True, help='the HF model directory to write')
   parser.add_argument('--gin_file', action='append', default=[],
                       help='model gin file, when the checkpoint has no model_config.json')

@@ -6,13 +6,14 @@ Adafactor state), its best/, an HF directory or another T5X checkpoint.
 
 Writes OUTPUT/checkpoint_<step>/ in T5X's tensorstore layout (what `t5x.checkpoints.Checkpointer`
 writes: msgpack `checkpoint` with version 3 plus zarr arrays) or its orbax layout (`state/`,
-as T5X's Orbax checkpoint manager writes it). With the Adafactor state of an unscanned run,
-T5X continues training exactly where we stopped:
+as T5X's Orbax checkpoint manager writes it). A run's own model_dir is already in the orbax
+layout (T5X resumes it where it is); with the Adafactor state of a run (statistics per layer,
+a scanned run's too), T5X continues training exactly where we stopped:
 
     python -m t5x.train --gin_file=YOUR_T5X_MODEL.gin ... \\
       --gin.MODEL_DIR="'/tmp/t5x_model'"
 
-Without it (scanned runs, best/, HF), restore the parameters and start the optimizer fresh:
+Without it (best/, HF), restore the parameters and start the optimizer fresh:
 
     python -m t5x.train --gin_file=YOUR_T5X_MODEL.gin ... \\
       --gin.utils.RestoreCheckpointConfig.path="'/tmp/t5x_model/checkpoint_600'" \\
@@ -35,7 +36,7 @@ import gin_cli  # noqa: E402
 def main(argv=None):
   parser = gin_cli.argument_parser(__doc__)
   parser.add_argument('--checkpoint', required=True,
-                      help='a model_dir, its best/, checkpoints/<step> or an HF directory')
+                      help='a model_dir, its best/, checkpoint_<step> or an HF directory')
   parser.add_argument('--output', required=True, help='the T5X model directory to write')
   parser.add_argument('--layout', choices=('tensorstore', 'orbax'), default='tensorstore',
                       help="T5X's checkpoint layout: its Checkpointer's or its Orbax manager's")
@@ -56,7 +57,7 @@ def main(argv=None):
     parser.error(str(e))
   opt_state, step = checkpoints.read_optimizer_state(args.checkpoint)
   out = interop.save_t5x(params, config, args.output, step or 0, opt_state, args.layout)
-  with_state = opt_state is not None and not config.scan_layers
+  with_state = opt_state is not None
   print(f'Wrote {out} (T5X {args.layout} layout, step {step or 0}, '
         f'{"with" if with_state else "without"} the Adafactor state).')
 

@@ -482,7 +482,7 @@ def check_checkpoint(path: str, flag: str = '--checkpoint') -> None:
                                    ) if os.path.isdir(parent) else []
   hint = (' Did you mean ' + ' or '.join(os.path.join(os.path.dirname(path), n)
                                          for n in near) + '?') if near else (
-      ' Give a model_dir, its checkpoints/<step> or best/, an HF or a T5X checkpoint '
+      ' Give a model_dir, its checkpoint_<step> or best/, an HF or a T5X checkpoint '
       'directory.')
   raise SystemExit(f'error: No checkpoint at {path} ({flag}): no such file or directory.{hint}')
 

@@ -44,7 +44,7 @@ def parse_args(argv):
   gin_files, bindings, rest = gin_cli.split_argv(argv)
   parser = gin_cli.argument_parser(__doc__, gin_flags=True)
   parser.add_argument('--checkpoint', required=True,
-                      help='a model_dir, its best/, checkpoints/<step>, an HF or a T5X directory')
+                      help='a model_dir, its best/, checkpoint_<step>, an HF or a T5X directory')
   parser.add_argument('--gin_file', action='append', metavar='F',
                       help='models/<size>.gin when the checkpoint has no config; an inference '
                       'recipe (runs/infer.gin, experiments/*_infer_*.gin: decoding and mesh)')

@@ -28,7 +28,7 @@ def test_the_ablation_grid_runs_end_to_end_and_resumes(tmp_path):
     cell = tmp_path / 'grid' / arch / objective / 'seed0'
     result = json.loads((cell / 'results.json').read_text())
     assert result['steps'] == 2 and result['tokens'] == 1024  # the same budget for every run
-    assert (cell / 'pretrain' / 'checkpoints' / '2').is_dir()
+    assert (cell / 'pretrain' / 'checkpoint_2').is_dir()
     assert (cell / 'finetune_cb' / 'best.json').is_file()
     assert {'mode/[NLU]', 'mode/[S2S]', 'mode/[NLG]'} <= set(result['validation'])
     assert set(result['generation']) == {'rouge1', 'rouge2', 'rougeL'}

@@ -32,7 +32,12 @@ def model_dir(tmp_path_factory):
 
 def test_a_run_writes_the_documented_layout(model_dir):
   path, _ = model_dir
-  assert sorted(os.listdir(os.path.join(path, checkpoints.CHECKPOINTS))) == ['2', '3']
+  assert train_setup.saved_steps(path) == [2, 3]  # T5X's layout: checkpoint_<step>/state/
+  assert not os.path.exists(os.path.join(path, checkpoints.CHECKPOINTS))
+  step = os.path.join(path, 'checkpoint_3')
+  assert sorted(os.listdir(step)) == ['_CHECKPOINT_METADATA', 'commit_success.txt', 'state']
+  metadata = json.loads(open(os.path.join(step, '_CHECKPOINT_METADATA')).read())
+  assert metadata['custom_metadata'] == {'writer': 'ul2'}
   assert sorted(os.listdir(os.path.join(path, checkpoints.DATA))) == [
       '2', '3', checkpoints.MANIFESTS_MARKER]
   assert not os.path.exists(os.path.join(path, checkpoints.LEASE))  # released at the end
@@ -45,11 +50,12 @@ def test_a_run_writes_the_documented_layout(model_dir):
 
 def test_every_way_to_name_a_run_loads_its_latest_parameters(model_dir):
   path, params = model_dir
-  for name in (path, os.path.join(path, 'checkpoints'), os.path.join(path, 'checkpoints', '3')):
+  for name in (path, os.path.join(path, 'checkpoint_3'), os.path.join(path, 'checkpoint_3',
+                                                                     'state')):
     loaded, config = checkpoints.load(name)
     assert config == TINY, name
     assert_trees_equal(loaded, params)
-  older, _ = checkpoints.load(os.path.join(path, 'checkpoints', '2'))
+  older, _ = checkpoints.load(os.path.join(path, 'checkpoint_2'))
   assert not np.array_equal(older['encoder']['encoder_norm']['scale'],
                             params['encoder']['encoder_norm']['scale'])
 
@@ -167,3 +173,89 @@ def test_a_run_whose_lease_another_run_took_stops_and_leaves_it(tmp_path):
     lease.check()
   lease.release()
   assert json.loads((tmp_path / checkpoints.LEASE).read_text())['pid'] == 4242
+
+
+# ---------------------------------------------------------------------------------------------
+# Two layouts: T5X's (what runs write) and the earlier checkpoints/<step>
+# ---------------------------------------------------------------------------------------------
+
+def earlier_layout_run(path, steps, monkeypatch, **kwargs):
+  """A run writing model_dir/checkpoints/<step>/ ({'step', 'params', 'opt_state'}), as ul2
+  did before it wrote T5X's layout: the same writer, told the model_dir is of that layout."""
+  with monkeypatch.context() as m:
+    m.setattr(checkpoints, '_t5x_layout', lambda model_dir: False)
+    return train_setup.run(str(path), steps=steps, eval_split=None, **kwargs)
+
+
+def test_a_model_dir_of_the_earlier_layout_loads_and_resumes_in_it(tmp_path, monkeypatch):
+  path = tmp_path / 'run'
+  first = earlier_layout_run(path, 2, monkeypatch, checkpoint_every=2)
+  assert os.listdir(path / checkpoints.CHECKPOINTS) == ['2']
+  loaded, _ = checkpoints.load(str(path))
+  assert_trees_equal(loaded, jax.device_get(first.state.params))
+  assert checkpoints.read_optimizer_state(str(path))[1] == 2
+  resumed = train_setup.run(str(path), steps=4, checkpoint_every=2, eval_split=None)
+  assert resumed.start_step == 2
+  assert sorted(os.listdir(path / checkpoints.CHECKPOINTS)) == ['2', '4']
+  assert train_setup.saved_steps(path) == []  # the model_dir keeps its layout
+  straight = train_setup.run(str(tmp_path / 'straight'), steps=4, eval_split=None)
+  assert_trees_equal(resumed.state.params, straight.state.params)
+
+
+def test_two_kinds_of_checkpoint_in_one_model_dir_are_named_never_picked(tmp_path, monkeypatch):
+  """T5X pointed at a model_dir of the earlier layout trains from scratch and writes
+  checkpoint_<step> beside checkpoints/<step>: loading or resuming names both."""
+  path = tmp_path / 'run'
+  first = earlier_layout_run(path, 2, monkeypatch, checkpoint_every=2)
+  interop.save_t5x(jax.device_get(first.state.params), TINY, str(path), 6, layout='orbax')
+  both = (rf'{path} holds two kinds of checkpoints: {path}/checkpoints/2 \(ul2\'s earlier '
+          rf'layout, steps \[2\]\) and {path}/checkpoint_6 \(T5X\'s layout, steps \[6\]')
+  for call in (lambda: checkpoints.load(str(path)),
+               lambda: checkpoints.read_optimizer_state(str(path)),
+               lambda: checkpoints.resolve_checkpoint(str(path)),
+               lambda: train_setup.run(str(path), steps=4, eval_split=None)):
+    with pytest.raises(checkpoints.CheckpointError, match=both):
+      call()
+  # Each step folder named on its own still loads.
+  assert checkpoints.load(str(path / 'checkpoint_6'), TINY)[0].keys() == first.state.params.keys()
+  assert_trees_equal(checkpoints.load(str(path / 'checkpoints' / '2'))[0],
+                     jax.device_get(first.state.params))
+
+
+def test_a_step_another_trainer_wrote_resumes_with_a_warning(tmp_path):
+  """T5X resumed a run and wrote checkpoint_4 (no ul2 metadata, no manifest, no input
+  position): ul2 resumes from it, says it cannot verify it and that the input restarts, and
+  takes its parameters, optimizer state and step as they are."""
+  path = tmp_path / 'run'
+  lines = []
+  first = train_setup.run(str(path), steps=2, checkpoint_every=2, eval_split=None)
+  params, opt_state = jax.device_get((first.state.params, first.state.opt_state))
+  moved = jax.tree.map(lambda x: x * 1.5, params)  # what T5X's two steps would have done
+  interop.save_t5x(moved, TINY, str(path), 4, opt_state, layout='orbax')
+  resumed = train_setup.run(str(path), steps=4, eval_split=None, checkpoint_every=2,
+                            log=lines.append)
+  assert resumed.start_step == 4
+  assert_trees_equal(resumed.state.params, moved)
+  assert [l for l in lines if l.startswith('WARNING')] == [
+      f'WARNING: {path}/checkpoint_4 was not written by ul2 (no ul2 metadata or manifest: T5X '
+      'resumed this run?): its arrays are not verified, and it has no input position, so the '
+      'input pipeline starts from its beginning.']
+  assert f'Resumed from {path}/checkpoint_4 (step 4).' in lines
+
+
+@pytest.mark.parametrize('scan', [False, True], ids=['per_layer', 'scanned'])
+def test_a_resume_through_t5xs_layout_is_exact(tmp_path, scan):
+  """2 + 2 steps through a checkpoint equal 4 straight, bitwise, with the model's layers
+  scanned or not (a scanned model's Adafactor statistics are saved per layer and stacked
+  back)."""
+  model = dataclasses.replace(TINY, scan_layers=scan)
+  straight = train_setup.run(str(tmp_path / 'straight'), steps=4, model=model, eval_split=None)
+  train_setup.run(str(tmp_path / 'run'), steps=2, checkpoint_every=2, model=model,
+                  eval_split=None)
+  resumed = train_setup.run(str(tmp_path / 'run'), steps=4, checkpoint_every=2, model=model,
+                            eval_split=None)
+  assert resumed.start_step == 2
+  assert_trees_equal(resumed.state.params, straight.state.params)
+  for got, want in zip(jax.tree.leaves(resumed.state.opt_state),
+                       jax.tree.leaves(straight.state.opt_state)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import train_setup
-from train_setup import TINY
+from train_setup import TINY, saved_steps, step_dir
 from ul2 import checkpoints, records
 from ul2 import data as data_lib
 from ul2 import train as T
@@ -65,24 +65,24 @@ def test_every_damaged_checkpoint_is_moved_aside_and_the_newest_intact_one_resum
   model_dir = tmp_path / 'run'
   straight, _ = run_logged(model_dir, 6, checkpoint_every=1, keep_checkpoints=10,
                            async_checkpointing=False)
-  ckpt = model_dir / 'checkpoints'
-  assert sorted(int(s) for s in os.listdir(ckpt)) == [1, 2, 3, 4, 5, 6]
+  ckpt = lambda step: step_dir(model_dir, step)
+  assert saved_steps(model_dir) == [1, 2, 3, 4, 5, 6]
 
-  (ckpt / '7').mkdir()  # an empty step folder (a copy cut short, a stray mkdir)
+  ckpt(7).mkdir()  # an empty step folder (a copy cut short, a stray mkdir)
   # 6: a valid orbax checkpoint holding step 5's arrays: only the manifest can tell.
-  shutil.rmtree(ckpt / '6' / 'default')
-  shutil.copytree(ckpt / '5' / 'default', ckpt / '6' / 'default')
-  with open(largest_file(ckpt / '5'), 'r+b') as f:  # 5: 64 bytes flipped in the array data
+  shutil.rmtree(ckpt(6) / 'state')
+  shutil.copytree(ckpt(5) / 'state', ckpt(6) / 'state')
+  with open(largest_file(ckpt(5)), 'r+b') as f:  # 5: 64 bytes flipped in the array data
     f.seek(os.path.getsize(f.name) // 2)
     chunk = f.read(64)
     f.seek(-64, os.SEEK_CUR)
     f.write(bytes(b ^ 0xFF for b in chunk))
-  with open(largest_file(ckpt / '4'), 'r+b') as f:  # 4: cut short
+  with open(largest_file(ckpt(4)), 'r+b') as f:  # 4: cut short
     f.truncate(os.path.getsize(f.name) // 3)
-  os.remove(largest_file(ckpt / '3'))  # 3: a file deleted
+  os.remove(largest_file(ckpt(3)))  # 3: a file deleted
   position = model_dir / 'data' / '2' / 'process_0.data-00000-of-00001'
   position.write_bytes(position.read_bytes()[:-8] + bytes(8))  # 2: the input position altered
-  sizes = {step: sum(os.path.getsize(p) for p in glob.glob(str(ckpt / step / '**'),
+  sizes = {step: sum(os.path.getsize(p) for p in glob.glob(str(ckpt(step) / '**'),
                                                             recursive=True)) for step in '23456'}
 
   resumed, lines = run_logged(model_dir, 6, checkpoint_every=1, keep_checkpoints=10,
@@ -112,7 +112,7 @@ def test_a_missing_or_malformed_manifest_is_damage_in_a_model_dir_that_writes_th
   data = model_dir / 'data'
   assert (data / checkpoints.MANIFESTS_MARKER).exists()
   os.remove(data / '3' / 'process_0.manifest.json')
-  with open(largest_file(model_dir / 'checkpoints' / '3'), 'r+b') as f:
+  with open(largest_file(step_dir(model_dir, 3)), 'r+b') as f:
     f.seek(os.path.getsize(f.name) // 2)
     chunk = f.read(64)
     f.seek(-64, os.SEEK_CUR)
@@ -145,9 +145,9 @@ def test_no_intact_checkpoint_is_one_error_and_another_model_is_not_damage(tmp_p
                      r'mlp.*\(32, 64\).*\(32, 96\)'):
     T.train(model=other, data=config, run=T.TrainConfig(str(model_dir), steps=4),
             optimizer=train_setup.OPTIMIZER, log=lambda _: None)
-  assert os.listdir(model_dir / 'checkpoints') == ['2']  # a config mistake moves nothing
+  assert saved_steps(model_dir) == [2]  # a config mistake moves nothing
 
-  os.remove(largest_file(model_dir / 'checkpoints' / '2'))
+  os.remove(largest_file(step_dir(model_dir, 2)))
   with pytest.raises(checkpoints.CheckpointError,
                      match=r'No intact checkpoint .*: steps \[2\] are damaged .*quarantine'):
     run_logged(model_dir, 4)
@@ -159,7 +159,7 @@ def test_the_step_a_run_resumed_from_is_kept_until_enough_newer_ones_exist(tmp_p
   """keep_checkpoints=2: the step resumed from stays while fewer than 2 newer steps exist,
   and goes once they do; resumes never leave more than 2 behind."""
   model_dir = tmp_path / 'run'
-  steps = lambda: sorted(int(s) for s in os.listdir(model_dir / 'checkpoints'))
+  steps = lambda: saved_steps(model_dir)
   run_logged(model_dir, 2, checkpoint_every=2, keep_checkpoints=2)
   run_logged(model_dir, 4, checkpoint_every=2, keep_checkpoints=2)
   assert steps() == [2, 4]
@@ -192,10 +192,10 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
     run_logged(model_dir, 8, checkpoint_every=1, log_every=1, optimizer=exploding)
   bad = int(re.match(r'Step (\d+)', str(error.value)).group(1))
   assert f'the last good checkpoint is step {bad - 1} in ' in str(error.value)
-  saved = sorted(int(s) for s in os.listdir(model_dir / 'checkpoints'))
+  saved = saved_steps(model_dir)
   assert saved == list(range(2, bad))
   for step in saved:  # every state saved is finite
-    params, _ = checkpoints.load(str(model_dir / 'checkpoints' / str(step)))
+    params, _ = checkpoints.load(str(step_dir(model_dir, step)))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
   # The state check itself, without a loss: NaN parameters are refused by `save`.
@@ -224,7 +224,9 @@ def test_retention_holds_through_signal_stops_kills_and_resumes(tmp_path):
   command = [a for a in cli_command(model_dir, total) if 'CHECKPOINT_EVERY' not in a] + [
       '--gin.CHECKPOINT_EVERY=3', f'--gin.train.TrainConfig.keep_checkpoints={keep}']
 
-  def saved(folder='checkpoints'):
+  def saved(folder=None):
+    if folder is None:
+      return saved_steps(model_dir)
     return sorted(int(n) for n in os.listdir(model_dir / folder) if n.isdigit())
 
   def check(resumed_from, killed=False):
@@ -305,21 +307,22 @@ def test_a_failed_save_stops_the_run_at_once_in_one_line_and_keeps_the_last_chec
   assert [l.startswith('error: ') for l in lines].count(True) == 1, full.stderr[-3000:]
   error = lines[-1]
   assert re.match(rf'error: Saving checkpoint step 40 to {model_dir} failed writing '
-                  rf'{model_dir}/checkpoints/40\S*: File too large\. ', error), error
+                  rf'{model_dir}/checkpoint_40\S*: File too large\. ', error), error
   assert 'the last good checkpoint is step 20 in ' in error, error
   # Stopped a step or a few after 40, when the background write ended (a second, however
   # loaded the machine), not at the next checkpoint (60), where the failure used to surface.
   trained = [json.loads(l)['step'] for l in open(model_dir / 'metrics.jsonl')
              if '"train"' in l]
   assert 40 <= max(trained) < 60, trained
-  assert sorted(s for s in os.listdir(model_dir / 'checkpoints') if s.isdigit()) == ['20']
+  assert saved_steps(model_dir) == [20]
   assert sorted(os.listdir(model_dir / 'data')) == ['20', 'MANIFESTS']
 
   again = subprocess.run([a.replace('TRAIN_STEPS=20', 'TRAIN_STEPS=40') for a in command],
                          env=cli_env(), capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'Resumed from' in again.stdout and 'WARNING' not in again.stdout
-  assert sorted(os.listdir(model_dir / 'checkpoints')) == ['20', '40']  # the partial 40 gone
+  assert saved_steps(model_dir) == [20, 40]  # the partial 40 gone
+  assert not [n for n in os.listdir(model_dir) if 'tmp' in n]
 
 
 def test_a_write_error_is_named_by_its_file_and_cause():
@@ -364,7 +367,7 @@ def test_a_resumed_run_writes_each_step_once(tmp_path):
   only 5 and 6."""
   model_dir = tmp_path / 'run'
   run_logged(model_dir, 4, checkpoint_every=2, log_every=1, async_checkpointing=False)
-  shutil.rmtree(model_dir / 'checkpoints' / '4')
+  shutil.rmtree(step_dir(model_dir, 4))
   shutil.rmtree(model_dir / 'data' / '4')
   resumed, _ = run_logged(model_dir, 6, checkpoint_every=2, log_every=1)
   assert resumed.start_step == 2
@@ -448,7 +451,7 @@ def test_what_goes_through_gfile_works_on_a_non_local_filesystem():
   checkpoints.write_model_config(model_dir, TINY)
   path = checkpoints.write_gin_config(model_dir, "MODEL_DIR = 'ram://bucket/runs/tiny'\n")
   assert path == 'ram://bucket/runs/tiny/config.gin'
-  assert checkpoints.read_model_config(checkpoints.join(model_dir, 'checkpoints', '3')) == TINY
+  assert checkpoints.read_model_config(checkpoints.join(model_dir, 'checkpoint_3', 'state')) == TINY
   assert not os.path.exists('ram:')  # nothing landed in a local folder named after the URL
 
   data = data_lib.DataConfig('ul2_mod_gutenberg', train_setup.LENGTHS, batch_size=8)
@@ -500,11 +503,11 @@ def test_a_run_trains_resumes_and_recovers_on_a_non_local_filesystem(tmp_path):
   url = f'ram://bucket-{tmp_path.name}/runs/tiny'
   run_logged(url, 4, checkpoint_every=2, keep_checkpoints=2, log_every=1)
   assert not os.path.exists('ram:') and not os.path.exists(os.path.join(os.getcwd(), 'ram:'))
-  assert sorted(checkpoints.listdir(checkpoints.join(url, 'checkpoints'))) == ['2', '4']
+  assert checkpoints.checkpoint_kinds(url) == ([2, 4], [])
   assert checkpoints.exists(checkpoints.join(url, 'data', '4', 'process_0.manifest.json'))
   assert checkpoints.read_model_config(url) == TINY
 
-  step4 = checkpoints.join(url, 'checkpoints', '4')
+  step4 = checkpoints.join(url, 'checkpoint_4')
   before = ram_files(step4)
   largest = max(before, key=lambda k: len(before[k]))
   damaged = bytearray(before[largest])
@@ -521,8 +524,8 @@ def test_a_run_trains_resumes_and_recovers_on_a_non_local_filesystem(tmp_path):
   assert f'moved to {url}/quarantine/4' in warnings[0]
   moved = ram_files(checkpoints.join(url, 'quarantine', '4', 'checkpoints'))
   assert moved.keys() == before.keys() and moved[largest] == bytes(damaged)  # byte for byte
-  steps = checkpoints.listdir(checkpoints.join(url, 'checkpoints'))
-  assert {'4', '6'} <= set(steps) and not set(steps) - {'2', '4', '6'}
+  steps, _ = checkpoints.checkpoint_kinds(url)
+  assert {4, 6} <= set(steps) and not set(steps) - {2, 4, 6}
   assert [s for s, _ in scalar_steps(checkpoints.join(url, 'train'), 'loss')] == [1, 2, 3, 4, 5,
                                                                                   6]
 

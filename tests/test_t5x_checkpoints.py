@@ -141,6 +141,34 @@ def test_our_orbax_checkpoint_has_t5xs_layout(tmp_path):
   assert_params(checkpoints.load(str(tmp_path), CFG)[0], rtol=1e-6)
 
 
+def test_a_runs_own_checkpoint_is_what_t5xs_orbax_manager_writes(tmp_path):
+  """The state T5X saved in fixtures/orbax (one update of T5X's Adafactor) and the same state
+  saved by a run's own `Checkpoints`: the same step folder, item and handler, the same tree
+  (names, shapes, dtypes: 'target', 'state/step', 'state/param_states/.../{m,v,v_col,v_row}'),
+  values to float32 rounding (our Adafactor against T5X's). That is what T5X's trainer reads
+  when it resumes a ul2 model_dir (tests/t5x_reference/check_t5x_resume.sh)."""
+  from ul2 import data as data_lib
+  params, opt_state = our_state_after_t5x_update()
+  saver = checkpoints.Checkpoints(str(tmp_path), CFG, keep=3)
+  saver.save(1, T.TrainState(jnp.asarray(1, jnp.int32), params, opt_state),
+             data_lib.HostBatches([]))
+  saver.close()
+  ours, theirs = tmp_path / 'checkpoint_1', os.path.join(ORBAX, 'checkpoint_1')
+  metadata = lambda d: json.loads(open(os.path.join(d, '_CHECKPOINT_METADATA')).read())
+  assert (metadata(ours)['item_handlers']['state']
+          == metadata(theirs)['item_handlers']['state'])
+  assert sorted(os.listdir(ours / 'state')) == sorted(
+      os.listdir(os.path.join(theirs, 'state')))  # ocdbt: the same files
+  flat = lambda d: network.flatten_params(interop.read_orbax_tree(os.path.join(d, 'state')))
+  got, want = flat(ours), flat(theirs)
+  assert got.keys() == want.keys()
+  assert 'state/param_states/encoder/layers_0/mlp/wi_0/kernel/v_row' in want
+  for name, value in want.items():
+    assert (np.asarray(got[name]).shape, np.asarray(got[name]).dtype) == (
+        value.shape, value.dtype), name
+    assert_close_to_saved(got[name], value, 1e-6, err_msg=name)
+
+
 def test_export_t5x_writes_a_run_as_a_t5x_model_dir(tmp_path):
   """A run of ours (parameters, step, Adafactor state) through the CLI, in both layouts."""
   run_dir = tmp_path / 'run'

@@ -18,7 +18,7 @@ OPTIMIZER = T.OptimizerConfig(schedule='constant', learning_rate=0.01, warmup_st
 def run(model_dir, steps, *, model=TINY, batch_size=8, mesh=partitioning.MeshConfig(),
         devices=None, microbatches=1, input_shards=None, checkpoint_every=1000, batches=None,
         eval_split='validation', async_checkpointing=True, seed=0, task='ul2_mod_gutenberg',
-        lengths=LENGTHS, denoiser_eval_batches=0, **run_options):
+        lengths=LENGTHS, denoiser_eval_batches=0, log=lambda _: None, **run_options):
   return T.train(
       model=model,
       data=data_lib.DataConfig(task, lengths, batch_size=batch_size,
@@ -28,7 +28,7 @@ def run(model_dir, steps, *, model=TINY, batch_size=8, mesh=partitioning.MeshCon
                         progress_bar=False, async_checkpointing=async_checkpointing,
                         seed=seed, denoiser_eval_batches=denoiser_eval_batches,
                         **run_options),
-      optimizer=OPTIMIZER, mesh=mesh, devices=devices, batches=batches, log=lambda _: None)
+      optimizer=OPTIMIZER, mesh=mesh, devices=devices, batches=batches, log=log)
 
 
 def fixed_batch(batch_size=8):
@@ -40,3 +40,19 @@ def fixed_batch(batch_size=8):
 
 def param_checksum(params) -> float:
   return float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(params)))
+
+
+def saved_steps(model_dir) -> list[int]:
+  """The steps of a run's checkpoints: model_dir/checkpoint_<step>/ (T5X's layout)."""
+  import os
+  import re
+  names = os.listdir(model_dir) if os.path.isdir(model_dir) else []
+  return sorted(int(m.group(1)) for m in map(re.compile(r'checkpoint_(\d+)').fullmatch,
+                                                 map(str, names)) if m)
+
+
+def step_dir(model_dir, step):
+  """model_dir/checkpoint_<step> (a pathlib path for a pathlib model_dir)."""
+  import os
+  return (model_dir / f'checkpoint_{step}' if hasattr(model_dir, 'joinpath')
+          else os.path.join(model_dir, f'checkpoint_{step}'))

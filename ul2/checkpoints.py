@@ -4,7 +4,10 @@ A training run writes everything into one `model_dir`:
 
     config.gin, operative_config.gin   the gin config as given / as used (scripts/train.py)
     model_config.json                  the network.Config, so eval and export need no gin
-    checkpoints/<step>/                orbax: {'step', 'params', 'opt_state'}, the last N
+    checkpoint_<step>/state/           T5X's train state, as T5X's Orbax manager writes it:
+                                       {'target': parameters, 'state': {'step',
+                                       'param_states'}} (`interop.t5x_state_dict`), the last N;
+                                       its _CHECKPOINT_METADATA says {"writer": "ul2"}
     data/<step>/process_<i>.*          each process's input position at that step, with the
                                        input layout it belongs to (`ul2.data.HostBatches`)
     data/<step>/process_<i>.manifest.json  checksums of the step's arrays and of that
@@ -22,14 +25,18 @@ knows): URLs reach orbax, the position files, the config files and TensorBoard u
 scheme orbax does not write itself (ram://, hdfs://) has its checkpoints written to a local
 copy first (`Checkpoints`), and models are read from a local copy of their folder (`load`).
 
-Parameters are saved with T5X's per-layer names even when the model scans its layers, so a
-checkpoint is a T5X orbax tree: it restores into T5X and into a model with either layout.
+Parameters (and Adafactor statistics) are saved per layer with T5X's names even when the model
+scans its layers, so a model_dir is a T5X model directory: `python -m t5x.train` resumes it at
+its step with its optimizer state, and a step T5X wrote there resumes here (unverified: T5X
+writes no manifest; the input starts over). A model_dir of the earlier layout
+(`checkpoints/<step>/`: {'step', 'params', 'opt_state'}) keeps it; one holding both layouts is
+an error naming both (`checkpoint_kinds`), never a silent choice.
 
 `load(path)` reads any of these back, and the exported formats too, as `(params, config)`:
 
-    params, config = load('runs/quickstart')               # latest checkpoints/<step>
+    params, config = load('runs/quickstart')               # latest checkpoint_<step>
     params, config = load('runs/quickstart_cb/best')       # the best fine-tuned parameters
-    params, config = load('runs/quickstart/checkpoints/300')
+    params, config = load('runs/quickstart/checkpoint_300')
     params, config = load('/models/ul2_hf')                # HF config.json + safetensors
     params, config = load('/t5x/checkpoint_1000', config)  # T5X: no config inside, pass one
 
@@ -66,7 +73,9 @@ from ul2 import adafactor, interop, network
 MODEL_CONFIG = 'model_config.json'
 CONFIG_GIN = 'config.gin'
 OPERATIVE_CONFIG_GIN = 'operative_config.gin'
-CHECKPOINTS = 'checkpoints'
+CHECKPOINTS = 'checkpoints'  # model_dir/checkpoints/<step>/: the layout before T5X's
+T5X_STEP_PREFIX = 'checkpoint'  # model_dir/checkpoint_<step>/state/: T5X's orbax layout
+WRITER = 'ul2'  # a step's custom metadata {'writer': 'ul2'}: written by a ul2 run
 DATA = 'data'
 BEST = 'best'
 BEST_JSON = 'best.json'
@@ -335,9 +344,54 @@ def read_model_config(path: str) -> network.Config:
 # Reading a model back
 # ----------------------------------------------------------------------------------------------
 
+def _step_of(name: str, t5x_layout: bool) -> int | None:
+  """The step a folder name stands for in a layout, else None.
+
+  >>> _step_of('checkpoint_300', True), _step_of('300', False), _step_of('best', True)
+  (300, 300, None)
+  """
+  match = re.fullmatch(rf'{T5X_STEP_PREFIX}_(\d+)' if t5x_layout else r'(\d+)', name)
+  return int(match.group(1)) if match else None
+
+
+def checkpoint_kinds(model_dir: str) -> tuple[list[int], list[int]]:
+  """(steps in T5X's layout, model_dir/checkpoint_<step>/; steps in ul2's earlier layout,
+  model_dir/checkpoints/<step>/), each sorted; ([], []) for a folder that is neither."""
+  if not isdir(model_dir):
+    return [], []
+  names = listdir(model_dir)
+  t5x = sorted(s for s in (_step_of(n, True) for n in names) if s is not None)
+  earlier = []
+  if CHECKPOINTS in names and isdir(join(model_dir, CHECKPOINTS)):
+    earlier = sorted(s for s in (_step_of(n, False) for n in listdir(join(model_dir,
+                                                                          CHECKPOINTS)))
+                     if s is not None)
+  return t5x, earlier
+
+
+def _t5x_layout(model_dir: str) -> bool:
+  """Whether `model_dir`'s checkpoints are (to be) in T5X's layout: yes, unless it holds
+  steps in the earlier one. Both at once is a `CheckpointError` naming them: nothing picks
+  silently between two runs' checkpoints (T5X pointed at a model_dir of the earlier layout
+  starts from scratch beside it)."""
+  t5x, earlier = checkpoint_kinds(model_dir)
+  if t5x and earlier:
+    raise CheckpointError(
+        f'{model_dir} holds two kinds of checkpoints: {join(model_dir, CHECKPOINTS)}/'
+        f'{earlier[-1]} (ul2\'s earlier layout, steps {earlier}) and '
+        f'{join(model_dir, f"{T5X_STEP_PREFIX}_{t5x[-1]}")} (T5X\'s layout, steps {t5x}, '
+        'which T5X writes when it trains in a model_dir it cannot read); name the one to use '
+        '(its step folder), or move the other kind out of the model_dir.')
+  return not earlier
+
+
 def resolve_checkpoint(path: str) -> str:
   """model_dir | model_dir/checkpoints | a step folder -> the latest step folder."""
   check_reachable(path)
+  t5x, _ = checkpoint_kinds(path)
+  _t5x_layout(path)  # one kind, or an error naming both
+  if t5x:
+    return join(path, f'{T5X_STEP_PREFIX}_{t5x[-1]}')
   for candidate in (path, join(path, CHECKPOINTS)):
     if not isdir(candidate):
       continue
@@ -354,7 +408,7 @@ def load(path: str, config: network.Config | None = None, ignore_extra: bool = F
   """(parameters, config) from any model we read, parameters laid out as `config` says
   (scanned or per-layer), checked against it.
 
-  `path`: one of our model_dirs (its latest step), its checkpoints/ folder, a step folder or
+  `path`: one of our model_dirs (its latest step), a step folder (checkpoint_<step>/) or
   `best/`; an HF T5/UL2 directory (config.json + safetensors); a T5X model directory, its
   `checkpoint_<step>` or that folder's `state/` (tensorstore or orbax layout). `config`: the
   network to read into; None takes the directory's own (model_config.json, config.json),
@@ -363,8 +417,9 @@ def load(path: str, config: network.Config | None = None, ignore_extra: bool = F
   """
   if not exists(path):
     raise FileNotFoundError(f'No checkpoint at {path}: no such file or directory. Give a '
-                            'model_dir, its checkpoints/<step> or best/, an HF or a T5X '
+                            'model_dir, its checkpoint_<step> or best/, an HF or a T5X '
                             'checkpoint directory.')
+  _t5x_layout(path)  # one kind of checkpoint, or an error naming both
   if is_url(path):
     with _local_copy(resolve_checkpoint(path)) as local:
       if config is None and not interop.is_hf_directory(local):
@@ -393,8 +448,17 @@ def read_optimizer_state(path: str) -> tuple[Any, int] | tuple[None, None]:
   if is_url(path):
     with _local_copy(resolve_checkpoint(path)) as local:
       return read_optimizer_state(local)
-  if interop.is_hf_directory(path) or interop.find_t5x_checkpoint(path) is not None:
+  if interop.is_hf_directory(path):
     return None, None
+  _t5x_layout(path)
+  found = interop.find_t5x_checkpoint(path)
+  if found is not None:  # T5X's layout: ul2's runs now, or T5X's own orbax checkpoints
+    if os.path.isfile(os.path.join(found, 'checkpoint')):
+      return None, None  # T5X's tensorstore layout: its parameters are what we read
+    state = interop.read_orbax_tree(found).get('state', {})
+    if 'param_states' not in state:
+      return None, None
+    return interop.adafactor_from_t5x(state), int(state['step'])
   tree = interop.read_orbax_tree(resolve_checkpoint(path))
   if 'opt_state' not in tree:
     return None, None
@@ -440,8 +504,8 @@ class Checkpoints:
   from (verified) is kept by the rotation until `keep` newer steps exist.
 
   A model_dir orbax cannot write itself (`orbax_writes`: ram://, hdfs://, ...) is served by
-  a local copy of its checkpoints/ (one process): orbax works on the copy, each save is
-  committed there and then copied to model_dir/checkpoints/<step>, the steps the rotation
+  a local copy of its step folders (one process): orbax works on the copy, each save is
+  committed there and then copied to model_dir/checkpoint_<step>, the steps the rotation
   removes are removed there too; a new run starts by copying model_dir's steps to a fresh
   local folder. Saves are then synchronous.
   """
@@ -451,7 +515,9 @@ class Checkpoints:
     self.model_cfg = model_cfg
     self.model_dir = str(model_dir)
     self.data_dir = join(model_dir, DATA)
-    self.directory = absolute(join(model_dir, CHECKPOINTS))  # what messages name
+    # T5X's layout, unless model_dir already holds checkpoints in the earlier one.
+    self.t5x_layout = _t5x_layout(self.model_dir)
+    self.directory = absolute(model_dir if self.t5x_layout else join(model_dir, CHECKPOINTS))
     self._stage = None if orbax_writes(model_dir) else self._stage_from(self.directory)
     self.keep = keep
     self.verified: int | None = None  # the step restored and verified, kept by the rotation
@@ -459,12 +525,17 @@ class Checkpoints:
     self._checksums = jax.jit(_checksums_and_finite)
     policy = ocp.checkpoint_managers.AnyPreservationPolicy(
         [ocp.checkpoint_managers.LatestN(n=keep), _KeepVerified(self, keep)])
+    if self.t5x_layout:  # T5X's OrbaxCheckpointManagerInterface: the same names and handler
+      handlers = {interop.T5X_STATE: ocp.PyTreeCheckpointHandler(use_ocdbt=True)}
+      prefix = T5X_STEP_PREFIX
+    else:
+      handlers, prefix = ocp.StandardCheckpointHandler(), None  # item_metadata reads shapes
     self.manager = ocp.CheckpointManager(
         _orbax_path(self.directory) if self._stage is None else self._stage,
-        item_handlers=ocp.StandardCheckpointHandler(),  # so item_metadata reads shapes
+        item_handlers=handlers,
         options=ocp.CheckpointManagerOptions(
             preservation_policy=policy, enable_async_checkpointing=async_checkpointing,
-            cleanup_tmp_directories=True))
+            cleanup_tmp_directories=True, step_prefix=prefix))
     self._background = _BackgroundErrors()
     self._background.install()
 
@@ -478,22 +549,30 @@ class Checkpoints:
     makedirs(remote)
     stage = tempfile.mkdtemp(prefix='ul2-checkpoints-')
     for name in listdir(remote):
-      if name.isdigit():
+      if _step_of(name, self.t5x_layout) is not None:
         copy_tree(join(remote, name), os.path.join(stage, name))
     return stage
 
   def _upload(self) -> None:
-    """Makes model_dir/checkpoints/ hold the local copy's steps: new ones copied (from the
+    """Makes model_dir hold the local copy's steps: new ones copied (from the
     oldest), the ones the rotation removed removed."""
-    local = {name for name in os.listdir(self._stage) if name.isdigit()}
-    remote = {name for name in listdir(self.directory) if name.isdigit()}
-    for name in sorted(local - remote, key=int):
+    steps = lambda names: {n for n in names if _step_of(n, self.t5x_layout) is not None}
+    local, remote = steps(os.listdir(self._stage)), steps(listdir(self.directory))
+    for name in sorted(local - remote, key=lambda n: _step_of(n, self.t5x_layout)):
       copy_tree(os.path.join(self._stage, name), join(self.directory, name))
     for name in remote - local:
       rmtree(join(self.directory, name))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def _step_name(self, step: int) -> str:
+    return f'{T5X_STEP_PREFIX}_{step}' if self.t5x_layout else str(step)
+
+  def step_dir(self, step: int) -> str:
+    """The folder of `step`: model_dir/checkpoint_<step> (model_dir/checkpoints/<step> in a
+    model_dir of the earlier layout)."""
+    return join(self.directory, self._step_name(step))
 
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
@@ -542,7 +621,13 @@ class Checkpoints:
           {'step': step, 'arrays': _flat_checksums(checksums),
            'files': _file_digests(path)}, indent=0))
       self._saving = step
-      self.manager.save(step, args=ocp.args.StandardSave(item), force=True)
+      if self.t5x_layout:
+        args = ocp.args.Composite(**{interop.T5X_STATE: ocp.args.PyTreeSave(
+            interop.t5x_state_dict(item['params'], self.model_cfg, item['step'],
+                                   item['opt_state']))})
+      else:
+        args = ocp.args.StandardSave(item)
+      self.manager.save(step, args=args, force=True, custom_metadata={'writer': WRITER})
     except Exception as e:  # disk full, permissions, a vanished bucket...
       raise self._save_failed(step, e) from e
     if self._stage is not None:
@@ -586,7 +671,7 @@ class Checkpoints:
       except Exception as e:
         error = e
     done = error is None and not self.manager.is_saving_in_progress()
-    if done and self._stage is None and not isdir(join(self.directory, str(self._saving))):
+    if done and self._stage is None and not isdir(self.step_dir(self._saving)):
       error = RuntimeError('orbax ended the save without its step directory')
     if jax.process_count() > 1:
       failed = _any_process(error is not None)
@@ -606,10 +691,12 @@ class Checkpoints:
       if name.isdigit() and oldest is not None and int(name) < oldest:
         rmtree(join(self.data_dir, name))
 
-  def restore(self, step: int, abstract: Any, per_layer_shardings: Any) -> dict[str, Any]:
+  def restore(self, step: int, abstract: Any, per_layer_shardings: Any,
+              verify: bool = True) -> dict[str, Any]:
     """{'step', 'params', 'opt_state'} of `step`, sharded as `abstract` (a `TrainState` of
     `jax.ShapeDtypeStruct`s) and `per_layer_shardings` (the parameters' in the saved layout)
-    say; the parameters in the run's layout (scanned or not).
+    say; the parameters in the run's layout (scanned or not). `verify=False` for a step
+    another program wrote (`written_by_ul2`): there is no manifest to check it against.
 
     Raises `DamagedCheckpoint` when the step cannot be read or does not match its manifest,
     and `CheckpointError` when it is intact but holds another model.
@@ -620,9 +707,10 @@ class Checkpoints:
         per_layer_shardings)
     item = {'step': abstract.step, 'params': params_abstract, 'opt_state': abstract.opt_state}
     self._check_shapes(step, item)
-    manifest = self._read_manifest(step)
+    manifest = self._read_manifest(step) if verify else None
     try:
-      restored = self.manager.restore(step, args=ocp.args.StandardRestore(item))
+      restored = (self._restore_t5x(step, item) if self.t5x_layout else
+                  self.manager.restore(step, args=ocp.args.StandardRestore(item)))
     except Exception as e:
       raise DamagedCheckpoint(_summary(e, 200)) from e
     if manifest is not None:
@@ -635,11 +723,46 @@ class Checkpoints:
       restored['params'] = network.stack_layers(restored['params'], self.model_cfg)
     return restored
 
+  def _restore_t5x(self, step: int, item: Mapping[str, Any]) -> dict[str, Any]:
+    """`item` ({'step', 'params' per layer, 'opt_state'}, abstract) from T5X's tree: the
+    parameters straight into their shardings; the Adafactor statistics per layer, then laid
+    out (stacked if the model scans) and placed as the run shards them."""
+    tree = interop.t5x_state_dict(item['params'], self.model_cfg, item['step'],
+                                  item['opt_state'])
+
+    def restore_args(x):
+      if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None:
+        return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
+      return ocp.RestoreArgs(restore_type=np.ndarray)  # a layer's slice of stacked statistics
+
+    got = self.manager.restore(step, args=ocp.args.Composite(**{
+        interop.T5X_STATE: ocp.args.PyTreeRestore(
+            tree, restore_args=jax.tree.map(restore_args, tree))}))[interop.T5X_STATE]
+    opt_state = jax.tree.map(_placed, interop.adafactor_from_t5x(got['state'], self.model_cfg),
+                             item['opt_state'])
+    # The count from the host: a buffer of its own (the step's is donated beside it).
+    opt_state = opt_state._replace(count=_placed(np.asarray(got['state']['step']),
+                                                 item['opt_state'].count))
+    return {'step': got['state']['step'], 'params': got['target'], 'opt_state': opt_state}
+
+  def written_by_ul2(self, step: int) -> bool:
+    """Whether a ul2 run wrote `step` (its metadata says so, or it has a manifest); a step
+    T5X wrote into the model_dir (T5X resumed the run) has neither."""
+    if not self.t5x_layout:
+      return True
+    try:
+      writer = (self.manager.metadata(step).custom_metadata or {}).get('writer')
+    except Exception:  # unreadable metadata: the manifest decides
+      writer = None
+    return writer == WRITER or exists(self._data_path(step) + MANIFEST_SUFFIX)
+
   def _check_shapes(self, step: int, item: Any) -> None:
     """The saved tree's shapes against the run's: a damaged tree is `DamagedCheckpoint`, a
     different model `CheckpointError`."""
     try:
-      saved = self.manager.item_metadata(step)['params']
+      metadata = self.manager.item_metadata(step)
+      saved = (metadata[interop.T5X_STATE]['target'] if self.t5x_layout else
+               metadata['params'])
       saved_shapes = {k: tuple(v.shape) for k, v in _flatten_tree(saved).items()}
     except Exception as e:
       raise DamagedCheckpoint(f'its metadata cannot be read: {_summary(e, 200)}') from e
@@ -691,8 +814,9 @@ class Checkpoints:
     steps = sorted(self.all_steps(), reverse=True)
     damaged = []
     for step in steps:
+      ours = self.written_by_ul2(step)
       try:
-        restored, error = self.restore(step, abstract, per_layer_shardings), None
+        restored, error = self.restore(step, abstract, per_layer_shardings, ours), None
       except DamagedCheckpoint as e:
         restored, error = None, str(e)
       if _any_process(error is not None):
@@ -703,7 +827,11 @@ class Checkpoints:
         log(f'WARNING: checkpoint step {step} is damaged ({error}); moved to {where}; '
             + (f'trying step {rest[0]}.' if rest else 'no older checkpoint is left.'))
         continue
-      if batches is not None:
+      if not ours:
+        log(f'WARNING: {self.step_dir(step)} was not written by ul2 (no ul2 metadata or '
+            'manifest: T5X resumed this run?): its arrays are not verified, and it has no '
+            'input position, so the input pipeline starts from its beginning.')
+      elif batches is not None:
         self.restore_position(step, batches, resume_input, log)
       self.verified = step
       self._trim()
@@ -724,7 +852,7 @@ class Checkpoints:
       if step != self.verified:
         self.manager.delete(step)
         if self._stage is not None:
-          rmtree(join(self.directory, str(step)))
+          rmtree(self.step_dir(step))
     self._remove_stale_data()
 
   def quarantine(self, step: int) -> str:
@@ -736,12 +864,12 @@ class Checkpoints:
       target = join(self.model_dir, QUARANTINE, f'{step}.{n}')
     if jax.process_index() == 0:
       makedirs(target)
-      for source, name in ((join(self.directory, str(step)), CHECKPOINTS),
+      for source, name in ((self.step_dir(step), CHECKPOINTS),
                            (join(self.data_dir, str(step)), DATA)):
         if exists(source):
           move_tree(source, join(target, name))
       if self._stage is not None:
-        shutil.rmtree(os.path.join(self._stage, str(step)), ignore_errors=True)
+        shutil.rmtree(os.path.join(self._stage, self._step_name(step)), ignore_errors=True)
     _sync(f'quarantine_{step}')
     self.manager.reload()
     return target
@@ -788,7 +916,8 @@ class Checkpoints:
       try:
         self._upload()
       except Exception as e:  # the step is not in model_dir: not a good checkpoint
-        shutil.rmtree(os.path.join(self._stage, str(self._saving)), ignore_errors=True)
+        shutil.rmtree(os.path.join(self._stage, self._step_name(self._saving)),
+                      ignore_errors=True)
         self.manager.reload()
         raise self._save_failed(self._saving, e) from e
     self._saving = None
@@ -983,6 +1112,15 @@ class _KeepVerified:
     return [c.step == verified and newer < self.keep for c in checkpoints]
 
 
+def _placed(x: Any, abstract: jax.ShapeDtypeStruct) -> jax.Array:
+  """`x` (a host or device array holding the whole value on every process) as a global array
+  sharded as `abstract` says."""
+  if isinstance(x, jax.Array) and x.sharding == abstract.sharding:
+    return x
+  host = np.asarray(jax.device_get(x), abstract.dtype)
+  return jax.make_array_from_callback(host.shape, abstract.sharding, lambda index: host[index])
+
+
 def _array_checksum(x: jax.Array) -> jax.Array:
   """Two 32-bit lanes of a position-dependent sum over the bits of `x` ([2] uint32).
 
@@ -1041,7 +1179,9 @@ def _file_digests(path: str) -> dict[str, str]:
 class _BackgroundErrors(logging.Filter):
   """Keeps the first error orbax's background save threads log, for `Checkpoints.check`, and
   keeps their tracebacks (one per thread, and one per tensorstore callback that finds the
-  save's event loop closed) out of the run's output; UL2_TRACEBACK=1 lets them through."""
+  save's event loop closed) out of the run's output; UL2_TRACEBACK=1 lets them through. Also
+  drops orbax's warning that a step's item has no handler here: T5X's `dataset` item, in a
+  step T5X wrote, which ul2 does not read (`restore_latest` says what such a step means)."""
 
   def __init__(self):
     super().__init__()
@@ -1049,6 +1189,8 @@ class _BackgroundErrors(logging.Filter):
     self._hook = None
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if 'orbax' in record.pathname and 'could not be restored' in str(record.msg):
+      return False
     if record.levelno < logging.ERROR or 'orbax' not in record.pathname:
       return True
     if record.exc_info and record.exc_info[1] is not None and self.error is None:
@@ -1087,8 +1229,8 @@ def _write_cause(error: BaseException) -> str:
   """' writing <file>: <cause>' from a write error (an OSError, or the text tensorstore and
   TensorFlow put around one), else ': <its message>' on one line.
 
-  >>> _write_cause(OSError(27, 'File too large', '/run/checkpoints/6/d/8a2f'))
-  ' writing /run/checkpoints/6/d/8a2f: File too large'
+  >>> _write_cause(OSError(27, 'File too large', '/run/checkpoint_6/state/d/8a2f'))
+  ' writing /run/checkpoint_6/state/d/8a2f: File too large'
   >>> _write_cause(ValueError('OUT_OF_RANGE: Error writing "params.x/0" in OCDBT database at '
   ...     'local file "/run/c/": Failed writing: "/run/c/d/8a2f": Failed to write 6041600 '
   ...     "bytes to file 7: File too large [os_error_code='27']"))

@@ -30,9 +30,10 @@ import shutil
 from typing import Any, Mapping, Sequence
 
 import flax
+import jax
 import numpy as np
 
-from ul2 import network, vocabulary
+from ul2 import adafactor, network, vocabulary
 
 _HF_ACTIVATIONS = {('gelu', 'linear'): 'gated-gelu', ('silu', 'linear'): 'gated-silu',
                    ('swish', 'linear'): 'gated-silu', ('relu',): 'relu', ('gelu',): 'gelu'}
@@ -275,23 +276,56 @@ _T5X_STEP = re.compile(r'checkpoint_(\d+)')
 _CHUNK_BYTES = 64 * 1024 * 1024  # T5X's desired zarr chunk size
 
 
+def t5x_state_dict(params: Any, config: network.Config, step: Any,
+                   opt_state: Any = None) -> dict:
+  """T5X's train-state dict of a state of ours, the arrays as given (host or sharded):
+  {'target': the parameters per layer, 'state': {'step', and with an Adafactor state,
+  'param_states'}}. T5X's Adafactor keeps, per parameter, 'v_row', 'v_col', 'v' and the
+  unused momentum 'm'; a scanned model's statistics are per layer too (its stacks factor each
+  layer on its own, as T5X's per-layer model does), so T5X's T5 1.1 models resume either.
+
+  >>> cfg = network.Config(num_encoder_layers=1, num_decoder_layers=1)
+  >>> tree = t5x_state_dict({'encoder': {'layers_0': {'mlp': {'wo': {'kernel': 'w'}}}}}, cfg,
+  ...                       7, adafactor.AdafactorState(7, *[{'encoder': {'layers_0': {'mlp':
+  ...                           {'wo': {'kernel': name}}}}} for name in ('r', 'c', 'v')]))
+  >>> tree['state']['param_states']['encoder']['layers_0']['mlp']['wo']['kernel']['v_row']
+  'r'
+  """
+  state = {'step': step}
+  if opt_state is not None:
+    v_row, v_col, v = (network.unstack_layers(getattr(opt_state, name), config,
+                                              placeholders=True)
+                       for name in ('v_row', 'v_col', 'v'))
+    unused = np.zeros((1,), np.float32)
+    state['param_states'] = jax.tree.map(
+        lambda r, c, x: {'m': unused, 'v': x, 'v_col': c, 'v_row': r}, v_row, v_col, v)
+  return {'target': network.unstack_layers(params, config), 'state': state}
+
+
+def adafactor_from_t5x(state: Mapping[str, Any], config: network.Config | None = None
+                       ) -> adafactor.AdafactorState:
+  """The Adafactor state in T5X's `state` (`t5x_state_dict`'s 'state': 'step' and
+  'param_states'), laid out as `config` runs (scanned or per layer; None: per layer); its
+  count is the step (T5X's Adafactor counts its updates by the train state's step)."""
+  per_parameter = lambda x: isinstance(x, Mapping) and 'v_row' in x
+  stats = []
+  for name in ('v_row', 'v_col', 'v'):
+    tree = jax.tree.map(lambda p, n=name: p[n], dict(state['param_states']),
+                        is_leaf=per_parameter)
+    if config is not None and config.scan_layers:
+      tree = network.stack_layers(tree, config, placeholders=True)
+    stats.append(tree)
+  return adafactor.AdafactorState(state['step'], *stats)
+
+
 def t5x_train_state(params: Any, config: network.Config, step: int,
                     opt_state: Any = None) -> dict:
-  """T5X's train-state dict: {'target': per-layer parameters, 'state': {'step', and with an
-  Adafactor state of an unscanned model, 'param_states'}} (T5X's Adafactor keeps, per
-  parameter, 'v_row', 'v_col', 'v' and the unused momentum 'm')."""
-  import jax
-
-  target = _numpy_tree(network.unstack_layers(params, config))
-  state = {'step': np.asarray(step, np.int32)}
-  if opt_state is not None and not config.scan_layers:
-    placeholder = np.zeros((1,), np.float32)
-    state['param_states'] = jax.tree.map(
-        lambda v_row, v_col, v: {'m': placeholder, 'v': np.asarray(v, np.float32),
-                                 'v_col': np.asarray(v_col, np.float32),
-                                 'v_row': np.asarray(v_row, np.float32)},
-        opt_state.v_row, opt_state.v_col, opt_state.v)
-  return {'target': target, 'state': state}
+  """`t5x_state_dict` as host float32 arrays (the step int32), for writing an export."""
+  tree = t5x_state_dict(_numpy_tree(params), config, np.asarray(step, np.int32),
+                        None if opt_state is None else jax.tree.map(np.asarray, opt_state))
+  if 'param_states' in tree['state']:
+    tree['state']['param_states'] = _numpy_tree(tree['state']['param_states'])
+  return tree
 
 
 def save_t5x(params: Any, config: network.Config, directory: str, step: int,
@@ -460,7 +494,6 @@ def read_orbax_params(path: str) -> dict:
 def read_orbax_tree(path: str) -> dict:
   """Everything in an orbax PyTree checkpoint folder, as host numpy arrays (the item of a
   CheckpointManager step, in its `default/`, is read too)."""
-  import jax
   import orbax.checkpoint as ocp
   from etils import epath
 

@@ -1029,22 +1029,36 @@ def sequence_log_likelihood(logits: Array, targets: Array, weights: Array | None
 _STACKS = {'encoder': 'num_encoder_layers', 'decoder': 'num_decoder_layers'}
 
 
-def _layer_slice(x, i: int):
+def _is_placeholder(x) -> bool:
+  """An unused Adafactor statistic: zeros of shape (1,) (T5X's placeholder), one for the whole
+  stack as for each layer."""
+  return tuple(x.shape) == (1,)
+
+
+def _layer_slice(x, i: int, placeholders: bool = False):
+  if placeholders and _is_placeholder(x):
+    return x
   if isinstance(x, jax.ShapeDtypeStruct):  # shapes from jax.eval_shape
     return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
   return x[i]
 
 
-def _stack(*xs):
+def _stack(*xs, placeholders: bool = False):
+  if placeholders and _is_placeholder(xs[0]):
+    return xs[0]
   if isinstance(xs[0], jax.ShapeDtypeStruct):
     return jax.ShapeDtypeStruct((len(xs),) + tuple(xs[0].shape), xs[0].dtype)
   return jnp.stack(xs)
 
 
-def unstack_layers(params: Mapping[str, Any], config: Config) -> dict[str, Any]:
+def unstack_layers(params: Mapping[str, Any], config: Config, placeholders: bool = False
+                   ) -> dict[str, Any]:
   """Scanned tree (`encoder/layers/...` with a leading layer axis) -> `layers_{i}` names.
 
   A tree that is already per-layer is returned unchanged, so checkpoint code can always call it.
+  `placeholders=True` for a tree of Adafactor statistics: a (1,) leaf is an unused statistic
+  (T5X's placeholder) and each layer gets it unchanged; e.g. with 2 layers, `v_row` of a
+  stacked kernel (2, 32) -> (32,) per layer, of a stacked norm scale (1,) -> (1,) per layer.
   """
   params = dict(params)
   for stack, count in _STACKS.items():
@@ -1053,12 +1067,14 @@ def unstack_layers(params: Mapping[str, Any], config: Config) -> dict[str, Any]:
       continue
     stacked = sub.pop('layers')
     for i in range(getattr(config, count)):
-      sub[f'layers_{i}'] = jax.tree.map(lambda a, i=i: _layer_slice(a, i), stacked)
+      sub[f'layers_{i}'] = jax.tree.map(lambda a, i=i: _layer_slice(a, i, placeholders),
+                                        stacked)
     params[stack] = sub
   return params
 
 
-def stack_layers(params: Mapping[str, Any], config: Config) -> dict[str, Any]:
+def stack_layers(params: Mapping[str, Any], config: Config, placeholders: bool = False
+                 ) -> dict[str, Any]:
   """Per-layer tree (`layers_{i}`) -> scanned tree; the inverse of `unstack_layers`."""
   params = dict(params)
   for stack, count in _STACKS.items():
@@ -1071,7 +1087,7 @@ def stack_layers(params: Mapping[str, Any], config: Config) -> dict[str, Any]:
       raise ValueError(f'{stack} has {len(names)} layers in the parameter tree but '
                        f'network.Config.{count} is {expected}.')
     layers = [sub.pop(f'layers_{i}') for i in range(expected)]
-    sub['layers'] = jax.tree.map(_stack, *layers)
+    sub['layers'] = jax.tree.map(lambda *xs: _stack(*xs, placeholders=placeholders), *layers)
     params[stack] = sub
   return params
 

@@ -426,7 +426,7 @@ def train(*, model: network.Config, data: data_lib.DataConfig, run: TrainConfig,
       if stop:
         checkpoints.wait()
         log(f'Stopped by {signals.received} at step {done}: saved '
-            f'{checkpoints.directory}/{done}; run the same command to resume.')
+            f'{checkpoints.step_dir(done)}; run the same command to resume.')
         break
 
   if jax.process_index() == 0 and inputs.pipeline is not None:
@@ -529,7 +529,7 @@ def _initial_state(compiled: CompiledRun, checkpoints: checkpoints_lib.Checkpoin
                                        run.resume_input, log)
   if restored is not None:
     state = TrainState(**restored)
-    log(f'Resumed from {checkpoints.directory}/{int(state.step)} (step {int(state.step)}).')
+    log(f'Resumed from {checkpoints.step_dir(int(state.step))} (step {int(state.step)}).')
     return state
   if run.init_from:
     # Pretrained parameters, sharded as the run shards them, with a fresh optimizer state.

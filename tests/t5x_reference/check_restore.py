@@ -1,10 +1,15 @@
 """T5X's own restore path (utils.create_checkpoint_manager_and_restore, as t5x.train calls it) on
-a run of ours exported by scripts/export_t5x.py into /tmp/t5xout/ts and /tmp/t5xout/orbax:
+a run of ours: its own model_dir (T5X's orbax layout, as the run wrote it), and, when they
+exist, its exports by scripts/export_t5x.py in /tmp/t5xout/ts and /tmp/t5xout/orbax:
 
     python scripts/export_t5x.py --checkpoint RUN --output /tmp/t5xout/ts
     python scripts/export_t5x.py --checkpoint RUN --output /tmp/t5xout/orbax --layout orbax
     PYTHONPATH=T5X_CHECKOUT:STUBS:REPO python check_restore.py RUN
+
+Prints one line per restore: the step and the largest difference of the parameters and of the
+Adafactor statistics from ul2's own reading of the run (0.0: bitwise).
 """
+import os
 import sys
 import jax, numpy as np
 jax.tree_map = jax.tree.map
@@ -53,6 +58,12 @@ def t5x_train_restore(cfg, use_orbax):
       init, partitioner, valid, paths[0] if paths else None, jax.random.PRNGKey(0),
       model_dir='/tmp/t5x_train_model_dir', use_orbax=use_orbax)
   return state
+
+# The run's own model_dir, as t5x.train resumes it (MODEL_DIR = the run: its latest step).
+state = t5x_train_restore(utils.RestoreCheckpointConfig(path=run_dir, mode='latest'), True)
+print('model_dir use_orbax True latest  :', compare(state, True))
+if not os.path.isdir('/tmp/t5xout'):
+  sys.exit(0)
 
 for layout in ('ts', 'orbax'):
   for use_orbax in (False, True):
