@@ -19,7 +19,7 @@ import pytest
 import gin_cli
 import train as train_script
 import train_setup
-from train_setup import TINY, fixed_batch, run
+from train_setup import TINY, fixed_batch, run, saved_steps, step_dir
 from ul2 import data as data_lib
 from ul2 import aot, flops, network, partitioning
 from ul2 import losses as losses_lib
@@ -61,7 +61,7 @@ def test_a_few_steps_give_finite_metrics_and_write_the_model_dir(tmp_path):
     assert np.isfinite(first[key]), key
   assert first['z_loss'] > 0 and first['learning_rate'] == pytest.approx(0.01)
   assert result.eval_history and result.eval_history[-1]['step'] == 4
-  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
+  assert saved_steps(tmp_path) == [2, 4]
   assert glob.glob(str(tmp_path / 'train' / 'events.out.tfevents.*'))
   assert glob.glob(str(tmp_path / 'validation' / 'events.out.tfevents.*'))
 
@@ -115,14 +115,14 @@ def test_resuming_into_a_changed_input_pipeline_is_refused_or_restarted(tmp_path
   restarted = run(model_dir, steps=3, checkpoint_every=2, batch_size=8, resume_input='restart')
   assert restarted.start_step == 2 and len(restarted.history) == 1
   reference = run(str(tmp_path / 'from_step_2'), steps=1, batch_size=8,
-                  init_from=os.path.join(model_dir, 'checkpoints', '2'))
+                  init_from=os.path.join(model_dir, 'checkpoint_2'))
   assert restarted.history[0]['loss'] == reference.history[0]['loss']
 
 
 def test_an_unfinished_checkpoint_is_not_taken_as_valid(tmp_path):
   run(str(tmp_path), steps=2, checkpoint_every=2, async_checkpointing=False)
   # A save interrupted before orbax finalised it leaves a temporary directory behind.
-  os.makedirs(tmp_path / 'checkpoints' / '4.orbax-checkpoint-tmp-0' / 'params')
+  os.makedirs(tmp_path / 'checkpoint_4.orbax-checkpoint-tmp-0' / 'state')
   resumed = run(str(tmp_path), steps=3, checkpoint_every=10)
   assert resumed.start_step == 2
 
@@ -379,7 +379,7 @@ def test_train_cli_writes_config_checkpoints_and_logs(tmp_path, capsys):
   assert "MIXTURE_OR_TASK_NAME = 'ul2_mod_gutenberg'" in config
   operative = (model_dir / 'operative_config.gin').read_text()
   assert 'train.TrainConfig' in operative and 'network.Config' in operative
-  assert os.listdir(model_dir / 'checkpoints') == ['3']
+  assert saved_steps(model_dir) == [3]
   assert glob.glob(str(model_dir / 'train' / 'events.out.tfevents.*'))
   # Output that is no terminal (pytest's capture, a SLURM log) gets plain lines: what is being
   # done, then step, loss, throughput, learning rate and ETA.
@@ -614,16 +614,16 @@ def uninterrupted_cli_run(tmp_path_factory):
   return model_dir
 
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
 @pytest.mark.slow
 def test_a_signal_checkpoints_the_current_step_and_the_run_resumes_exactly(
-    tmp_path, signum, uninterrupted_cli_run):
-  """A real signal to a real training process mid-run: it saves the step it is at (model,
+    tmp_path, uninterrupted_cli_run):
+  """A real SIGTERM to a real training process mid-run: it saves the step it is at (model,
   optimizer, input position), says so in one line, exits 0; the same command finishes the
-  run, whose parameters equal an uninterrupted run's bitwise."""
+  run, whose parameters equal an uninterrupted run's bitwise. (SIGINT has the same handler;
+  test_recovery's retention test stops and resumes a run with it.)"""
   import re
   import time
-  steps = SIGNAL_RUN_STEPS
+  steps, signum = SIGNAL_RUN_STEPS, signal.SIGTERM
   stopped_dir = tmp_path / 'stopped'
   proc = subprocess.Popen(cli_command(stopped_dir, steps), env=cli_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -642,7 +642,7 @@ def test_a_signal_checkpoints_the_current_step_and_the_run_resumes_exactly(
   assert len(lines) == 1, out.decode()
   stopped_at = int(re.search(r'at step (\d+)', lines[0]).group(1))
   assert signal.Signals(signum).name in lines[0] and max(done) <= stopped_at < steps
-  assert os.listdir(stopped_dir / 'checkpoints') == [str(stopped_at)]
+  assert saved_steps(stopped_dir) == [stopped_at]
 
   resumed = subprocess.run(cli_command(stopped_dir, steps), env=cli_env(), capture_output=True,
                            text=True, timeout=600)
@@ -667,11 +667,11 @@ def test_metrics_up_to_a_checkpoint_survive_a_kill(tmp_path):
                                      '--gin.train.TrainConfig.log_every=1000'],
                           env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
-  while time.time() < deadline and not (model_dir / 'checkpoints' / '5').is_dir():
+  while time.time() < deadline and not step_dir(model_dir, 5).is_dir():
     time.sleep(0.2)
   proc.kill()
   proc.wait(timeout=60)
-  assert (model_dir / 'checkpoints' / '5').is_dir()
+  assert step_dir(model_dir, 5).is_dir()
   steps = set()
   for path in glob.glob(str(model_dir / 'train' / 'events.out.tfevents.*')):
     for event in tf.compat.v1.train.summary_iterator(path):
@@ -715,7 +715,7 @@ def test_two_processes_stop_at_the_same_step_on_sigterm(tmp_path):
   assert len(stopped[0]) == 1 and stopped[0] == stopped[1], outs
   step = int(stopped[0][0])
   assert max(done) <= step < 400
-  assert os.listdir(model_dir / 'checkpoints') == [str(step)]
+  assert saved_steps(model_dir) == [step]
   assert {'process_0.index', 'process_1.index', 'process_0.manifest.json',
           'process_1.manifest.json'} <= set(os.listdir(model_dir / 'data' / str(step)))
 
@@ -725,8 +725,8 @@ def test_two_processes_stop_at_the_same_step_on_sigterm(tmp_path):
   procs = start(step + 2, port)
   outs = [p.communicate(timeout=600) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
-  assert all(f'/checkpoints/{step} (step {step})' in out.decode() for out, _ in outs)
-  assert sorted(os.listdir(model_dir / 'checkpoints')) == sorted([str(step), str(step + 2)])
+  assert all(f'/checkpoint_{step} (step {step})' in out.decode() for out, _ in outs)
+  assert saved_steps(model_dir) == [step, step + 2]
 
 
 def test_gin_mistakes_are_one_line_errors(tmp_path):
@@ -769,7 +769,7 @@ def test_a_user_tasks_module_and_gin_file_need_no_project_imports(tmp_path):
                          '--gin_file=my_run.gin'], cwd=tmp_path, env=env, capture_output=True,
                         text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert 'step 2/2: loss' in done.stdout and os.listdir(tmp_path / 'run' / 'checkpoints') == ['2']
+  assert 'step 2/2: loss' in done.stdout and saved_steps(tmp_path / 'run') == [2]
   assert 'log_every = 1' in (tmp_path / 'run' / 'operative_config.gin').read_text()
   shown = subprocess.run([sys.executable, os.path.join(scripts, 'inspect_task.py'),
                           '--module', 'tasks', '--task', 'ul2_mod_my_books', '--num_examples',
