@@ -137,7 +137,8 @@ def test_one_device_and_eight_devices_train_alike(tmp_path):
   Sharded reductions add in a different order, so losses agree to float32 rounding, not
   bitwise: 1e-5 relative over 4 steps (observed differences ~1e-7).
   """
-  reference = losses(run(str(tmp_path / 'one'), steps=4, devices=jax.devices()[:1]))
+  reference = losses(run(str(tmp_path / 'one'), steps=4, devices=jax.devices()[:1],
+                         eval_split=None))
   for name, mesh in (('8x1', partitioning.MeshConfig(data=8, model=1)),
                      ('2x4', partitioning.MeshConfig(data=2, model=4)),
                      ('2x4_2d', partitioning.MeshConfig(data=2, model=4,
@@ -145,7 +146,7 @@ def test_one_device_and_eight_devices_train_alike(tmp_path):
                      ('2x4_2d_activations', partitioning.MeshConfig(
                          data=2, model=4, parameter_partitioning_dims=2,
                          activation_partitioning_dims=2))):
-    result = run(str(tmp_path / name), steps=4, mesh=mesh)
+    result = run(str(tmp_path / name), steps=4, mesh=mesh, eval_split=None)
     np.testing.assert_allclose(losses(result), reference, rtol=1e-5, err_msg=name)
 
 
