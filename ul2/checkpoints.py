@@ -74,7 +74,6 @@ MODEL_CONFIG = 'model_config.json'
 CONFIG_GIN = 'config.gin'
 OPERATIVE_CONFIG_GIN = 'operative_config.gin'
 CHECKPOINTS = 'checkpoints'  # model_dir/checkpoints/<step>/: the layout before T5X's
-T5X_STEP_PREFIX = 'checkpoint'  # model_dir/checkpoint_<step>/state/: T5X's orbax layout
 WRITER = 'ul2'  # a step's custom metadata {'writer': 'ul2'}: written by a ul2 run
 DATA = 'data'
 BEST = 'best'
@@ -345,13 +344,15 @@ def read_model_config(path: str) -> network.Config:
 # ----------------------------------------------------------------------------------------------
 
 def _step_of(name: str, t5x_layout: bool) -> int | None:
-  """The step a folder name stands for in a layout, else None.
+  """The step a folder name stands for in a layout (T5X's `checkpoint_<step>`, or the
+  earlier `<step>`), else None.
 
   >>> _step_of('checkpoint_300', True), _step_of('300', False), _step_of('best', True)
   (300, 300, None)
   """
-  match = re.fullmatch(rf'{T5X_STEP_PREFIX}_(\d+)' if t5x_layout else r'(\d+)', name)
-  return int(match.group(1)) if match else None
+  if t5x_layout:
+    return interop.t5x_step(name)
+  return int(name) if re.fullmatch(r'\d+', name) else None
 
 
 def checkpoint_kinds(model_dir: str) -> tuple[list[int], list[int]]:
@@ -369,29 +370,33 @@ def checkpoint_kinds(model_dir: str) -> tuple[list[int], list[int]]:
   return t5x, earlier
 
 
-def _t5x_layout(model_dir: str) -> bool:
-  """Whether `model_dir`'s checkpoints are (to be) in T5X's layout: yes, unless it holds
-  steps in the earlier one. Both at once is a `CheckpointError` naming them: nothing picks
-  silently between two runs' checkpoints (T5X pointed at a model_dir of the earlier layout
-  starts from scratch beside it)."""
+def _one_kind(model_dir: str) -> tuple[list[int], list[int]]:
+  """`checkpoint_kinds`, of which at most one is non-empty: both at once is a
+  `CheckpointError` naming them, so nothing picks silently between two runs' checkpoints
+  (T5X pointed at a model_dir of the earlier layout starts from scratch beside it)."""
   t5x, earlier = checkpoint_kinds(model_dir)
   if t5x and earlier:
     raise CheckpointError(
         f'{model_dir} holds two kinds of checkpoints: {join(model_dir, CHECKPOINTS)}/'
         f'{earlier[-1]} (ul2\'s earlier layout, steps {earlier}) and '
-        f'{join(model_dir, f"{T5X_STEP_PREFIX}_{t5x[-1]}")} (T5X\'s layout, steps {t5x}, '
-        'which T5X writes when it trains in a model_dir it cannot read); name the one to use '
-        '(its step folder), or move the other kind out of the model_dir.')
-  return not earlier
+        f'{join(model_dir, f"{interop.T5X_STEP_PREFIX}_{t5x[-1]}")} (T5X\'s layout, steps '
+        f'{t5x}, which T5X writes when it trains in a model_dir it cannot read); name the one '
+        'to use (its step folder), or move the other kind out of the model_dir.')
+  return t5x, earlier
+
+
+def _t5x_layout(model_dir: str) -> bool:
+  """Whether `model_dir`'s checkpoints are (to be) in T5X's layout: yes, unless it holds
+  steps in the earlier one (`_one_kind`)."""
+  return not _one_kind(model_dir)[1]
 
 
 def resolve_checkpoint(path: str) -> str:
   """model_dir | model_dir/checkpoints | a step folder -> the latest step folder."""
   check_reachable(path)
-  t5x, _ = checkpoint_kinds(path)
-  _t5x_layout(path)  # one kind, or an error naming both
+  t5x, _ = _one_kind(path)
   if t5x:
-    return join(path, f'{T5X_STEP_PREFIX}_{t5x[-1]}')
+    return join(path, f'{interop.T5X_STEP_PREFIX}_{t5x[-1]}')
   for candidate in (path, join(path, CHECKPOINTS)):
     if not isdir(candidate):
       continue
@@ -419,12 +424,12 @@ def load(path: str, config: network.Config | None = None, ignore_extra: bool = F
     raise FileNotFoundError(f'No checkpoint at {path}: no such file or directory. Give a '
                             'model_dir, its checkpoint_<step> or best/, an HF or a T5X '
                             'checkpoint directory.')
-  _t5x_layout(path)  # one kind of checkpoint, or an error naming both
-  if is_url(path):
+  if is_url(path):  # resolve_checkpoint refuses two kinds of checkpoint
     with _local_copy(resolve_checkpoint(path)) as local:
       if config is None and not interop.is_hf_directory(local):
         config = read_model_config(path)  # above the step folder the copy holds
       return load(local, config, ignore_extra)
+  _one_kind(path)
   if interop.is_hf_directory(path):
     params, hf_config = interop.load_hf(path)
     config = config or hf_config
@@ -450,7 +455,7 @@ def read_optimizer_state(path: str) -> tuple[Any, int] | tuple[None, None]:
       return read_optimizer_state(local)
   if interop.is_hf_directory(path):
     return None, None
-  _t5x_layout(path)
+  _one_kind(path)
   found = interop.find_t5x_checkpoint(path)
   if found is not None:  # T5X's layout: ul2's runs now, or T5X's own orbax checkpoints
     if os.path.isfile(os.path.join(found, 'checkpoint')):
@@ -527,7 +532,7 @@ class Checkpoints:
         [ocp.checkpoint_managers.LatestN(n=keep), _KeepVerified(self, keep)])
     if self.t5x_layout:  # T5X's OrbaxCheckpointManagerInterface: the same names and handler
       handlers = {interop.T5X_STATE: ocp.PyTreeCheckpointHandler(use_ocdbt=True)}
-      prefix = T5X_STEP_PREFIX
+      prefix = interop.T5X_STEP_PREFIX
     else:
       handlers, prefix = ocp.StandardCheckpointHandler(), None  # item_metadata reads shapes
     self.manager = ocp.CheckpointManager(
@@ -567,7 +572,7 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def _step_name(self, step: int) -> str:
-    return f'{T5X_STEP_PREFIX}_{step}' if self.t5x_layout else str(step)
+    return f'{interop.T5X_STEP_PREFIX}_{step}' if self.t5x_layout else str(step)
 
   def step_dir(self, step: int) -> str:
     """The folder of `step`: model_dir/checkpoint_<step> (model_dir/checkpoints/<step> in a

@@ -272,8 +272,19 @@ def load_hf(directory: str, **overrides) -> tuple[dict, network.Config]:
 #                                              checkpoint_<step>/_CHECKPOINT_METADATA
 T5X_VERSION = 3
 T5X_STATE = 'state'
-_T5X_STEP = re.compile(r'checkpoint_(\d+)')
+T5X_STEP_PREFIX = 'checkpoint'  # MODEL_DIR/checkpoint_<step>/
+_T5X_STEP = re.compile(rf'{T5X_STEP_PREFIX}_(\d+)')
 _CHUNK_BYTES = 64 * 1024 * 1024  # T5X's desired zarr chunk size
+
+
+def t5x_step(name: str) -> int | None:
+  """The step of a T5X step folder's name, else None.
+
+  >>> t5x_step('checkpoint_300'), t5x_step('checkpoints')
+  (300, None)
+  """
+  match = _T5X_STEP.fullmatch(name)
+  return int(match.group(1)) if match else None
 
 
 def t5x_state_dict(params: Any, config: network.Config, step: Any,
@@ -321,8 +332,7 @@ def adafactor_from_t5x(state: Mapping[str, Any], config: network.Config | None =
 def t5x_train_state(params: Any, config: network.Config, step: int,
                     opt_state: Any = None) -> dict:
   """`t5x_state_dict` as host float32 arrays (the step int32), for writing an export."""
-  tree = t5x_state_dict(_numpy_tree(params), config, np.asarray(step, np.int32),
-                        None if opt_state is None else jax.tree.map(np.asarray, opt_state))
+  tree = t5x_state_dict(_numpy_tree(params), config, np.asarray(step, np.int32), opt_state)
   if 'param_states' in tree['state']:
     tree['state']['param_states'] = _numpy_tree(tree['state']['param_states'])
   return tree
@@ -393,7 +403,7 @@ def _save_t5x_orbax(tree: dict, directory: str, step: int) -> None:
   manager = ocp.CheckpointManager(
       os.path.abspath(directory),
       item_handlers={T5X_STATE: ocp.PyTreeCheckpointHandler(use_ocdbt=True)},
-      options=ocp.CheckpointManagerOptions(step_prefix='checkpoint', create=True))
+      options=ocp.CheckpointManagerOptions(step_prefix=T5X_STEP_PREFIX, create=True))
   manager.save(step, args=ocp.args.Composite(**{T5X_STATE: ocp.args.PyTreeSave(tree)}),
                force=True)
   manager.wait_until_finished()
@@ -421,9 +431,9 @@ def find_t5x_checkpoint(path: str) -> str | None:
   if os.path.isfile(os.path.join(path, '_METADATA')):
     return path  # an orbax PyTree: the state/ folder itself, or an older bare one
   if os.path.isdir(path):
-    steps = [int(m.group(1)) for m in map(_T5X_STEP.fullmatch, os.listdir(path)) if m]
+    steps = [s for s in map(t5x_step, os.listdir(path)) if s is not None]
     if steps:
-      return find_t5x_checkpoint(os.path.join(path, f'checkpoint_{max(steps)}'))
+      return find_t5x_checkpoint(os.path.join(path, f'{T5X_STEP_PREFIX}_{max(steps)}'))
   return None
 
 
